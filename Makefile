@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Each builds .venv on first use.
+VENV   := .venv
+PYTHON := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench schema browser clean
+
+$(STAMP): requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PYTHON) demo.py
+
+# Browser tests need Debian's chromium and chromium-driver; install them when absent.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) browser lint
+	$(PYTHON) -m pytest
+
+bench: $(STAMP)
+	$(PYTHON) -m bench
+
+# db/schema.sql is generated from db/schema.py; a test fails when it is stale.
+schema: $(STAMP)
+	$(PYTHON) -m db.schema > db/schema.sql
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,310 @@
+"""The database contract: every table, column, constraint and trigger.
+
+One MetaData serves PostgreSQL and SQLite. `db/schema.sql` is this module's
+PostgreSQL DDL, regenerated with `python -m db.schema > db/schema.sql`; a test
+proves the file and `create_schema` build the same database.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    DDL,
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_mock_engine,
+    event,
+    false,
+    text,
+)
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import TypeDecorator
+
+from hyperparams import DROPOUT_MAX, LR_MAX, OPTIMIZERS, WEIGHT_DECAY_MAX
+
+RUN_STATUSES = ("running", "paused", "stopped", "finished", "failed")
+EVENT_LEVELS = ("info", "warning", "error")
+NOTIFY_CHANNEL = "parameters_changed"  # the PostgreSQL triggers and LISTEN use this name
+
+
+class UtcNow(FunctionElement):
+    """The database's clock with sub-second precision on both back ends."""
+
+    type = DateTime(timezone=True)
+    inherit_cache = True
+
+
+@compiles(UtcNow, "postgresql")
+def _utc_now_pg(element: UtcNow, compiler: Any, **kw: Any) -> str:
+    return "clock_timestamp()"
+
+
+@compiles(UtcNow, "sqlite")
+def _utc_now_sqlite(element: UtcNow, compiler: Any, **kw: Any) -> str:
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in Python; timestamptz on PostgreSQL, UTC text on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware UTC datetime")
+        if dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+FloatList = JSON().with_variant(postgresql.ARRAY(Double()), "postgresql")
+IntList = JSON().with_variant(postgresql.ARRAY(Integer()), "postgresql")
+
+metadata = MetaData()
+
+
+def _timestamp(name: str, nullable: bool = False, **kw: Any) -> Column:
+    return Column(name, UTCDateTime(), nullable=nullable, server_default=UtcNow(), **kw)
+
+
+def _run_fk() -> Column:
+    return Column(
+        "run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False
+    )
+
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", Integer, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("model_name", Text, nullable=False),
+    Column("dataset", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="running"),
+    _timestamp("dt_started"),
+    _timestamp("dt_heartbeat"),
+    Column("dt_ended", UTCDateTime(), nullable=True),
+    Column("config", JSONDocument, nullable=False),
+    CheckConstraint(_in("status", RUN_STATUSES), name="runs_status_check"),
+)
+
+_PARAMETER_CHECKS = (
+    CheckConstraint(
+        f"learning_rate > 0 AND learning_rate <= {LR_MAX!r}", name="learning_rate_range"
+    ),
+    CheckConstraint(
+        f"weight_decay >= 0 AND weight_decay <= {WEIGHT_DECAY_MAX!r}", name="weight_decay_range"
+    ),
+    CheckConstraint(f"dropout >= 0 AND dropout <= {DROPOUT_MAX}", name="dropout_range"),
+    CheckConstraint(_in("optimizer", OPTIMIZERS), name="optimizer_supported"),
+)
+
+
+def _checks(table: str) -> list[CheckConstraint]:
+    return [CheckConstraint(c.sqltext, name=f"{table}_{c.name}") for c in _PARAMETER_CHECKS]
+
+
+parameters = Table(
+    "parameters",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("optimizer", Text, nullable=False),
+    Column("learning_rate", Double, nullable=False),
+    Column("weight_decay", Double, nullable=False),
+    Column("dropout", Integer, nullable=False),
+    Column("stop_train", Boolean, nullable=False, server_default=false()),
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    _timestamp("dt_updated"),
+    Column("applied_version", Integer, nullable=False, server_default=text("0")),
+    Column("applied_step", Integer, nullable=False, server_default=text("0")),
+    _timestamp("dt_applied"),
+    *_checks("parameters"),
+)
+
+parameter_changes = Table(
+    "parameter_changes",
+    metadata,
+    Column("change_id", Integer, primary_key=True),
+    _run_fk(),
+    Column("version", Integer, nullable=False),
+    Column("optimizer", Text, nullable=False),
+    Column("learning_rate", Double, nullable=False),
+    Column("weight_decay", Double, nullable=False),
+    Column("dropout", Integer, nullable=False),
+    Column("stop_train", Boolean, nullable=False),
+    Column("dt_updated", UTCDateTime(), nullable=False),
+    Column("applied_step", Integer, nullable=False),
+    Column("dt_applied", UTCDateTime(), nullable=False),
+    UniqueConstraint("run_id", "version", name="parameter_changes_run_version"),
+)
+
+statistics = Table(
+    "statistics",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("step", Integer, primary_key=True),
+    Column("epoch", Integer, nullable=False),
+    Column("dt", UTCDateTime(), nullable=False),
+    Column("optimizer", Text, nullable=False),
+    Column("learning_rate", Double, nullable=False),
+    Column("weight_decay", Double, nullable=False),
+    Column("dropout", Integer, nullable=False),
+    Column("train_loss", Double),
+    Column("train_accuracy", Double),
+    Column("validate_loss", Double),
+    Column("validate_accuracy", Double),
+    Column("samples_per_second", Double),
+)
+
+activations = Table(
+    "activations",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("step", Integer, primary_key=True),
+    Column("layer_name", Text, primary_key=True),
+    Column("nn_part", Text, nullable=False),
+    Column("layer_type", Text, nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("bin_edges", FloatList, nullable=False),
+    Column("counts", IntList, nullable=False),
+    Column("mean", Double),
+    Column("std", Double),
+    CheckConstraint("layer_type IN ('conv', 'fc')", name="activations_layer_type_check"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("event_id", Integer, primary_key=True),
+    _run_fk(),
+    Column("step", Integer),
+    _timestamp("dt"),
+    Column("level", Text, nullable=False),
+    Column("code", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("version", Integer),  # the parameters version the event is about, if any
+    CheckConstraint(_in("level", EVENT_LEVELS), name="events_level_check"),
+)
+Index("events_run_id_event_id", events.c.run_id, events.c.event_id)
+Index("runs_dt_started", runs.c.dt_started)
+
+# Any client may steer a run with a plain UPDATE. The triggers make that safe:
+# a change to the desired state always gets a new version and a fresh dt_updated
+# (even if the client forgot), and on PostgreSQL every update NOTIFYs the trainer
+# on the channel `parameters_changed` with the run_id as payload.
+_PG_TRIGGERS = (
+    DDL(
+        """CREATE FUNCTION parameters_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.version = OLD.version AND (
+       NEW.optimizer IS DISTINCT FROM OLD.optimizer
+    OR NEW.learning_rate IS DISTINCT FROM OLD.learning_rate
+    OR NEW.weight_decay IS DISTINCT FROM OLD.weight_decay
+    OR NEW.dropout IS DISTINCT FROM OLD.dropout
+    OR NEW.stop_train IS DISTINCT FROM OLD.stop_train) THEN
+    NEW.version := OLD.version + 1;
+  END IF;
+  IF NEW.version <> OLD.version THEN
+    NEW.dt_updated := clock_timestamp();
+  END IF;
+  RETURN NEW;
+END $$"""
+    ),
+    DDL(
+        "CREATE TRIGGER parameters_stamp BEFORE UPDATE ON parameters "
+        "FOR EACH ROW EXECUTE FUNCTION parameters_stamp()"
+    ),
+    DDL(
+        """CREATE FUNCTION parameters_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('parameters_changed', NEW.run_id::text);
+  RETURN NEW;
+END $$"""
+    ),
+    DDL(
+        "CREATE TRIGGER parameters_notify AFTER UPDATE ON parameters "
+        "FOR EACH ROW EXECUTE FUNCTION parameters_notify()"
+    ),
+)
+_SQLITE_TRIGGERS = (
+    DDL(
+        """CREATE TRIGGER parameters_version AFTER UPDATE ON parameters
+FOR EACH ROW WHEN NEW.version = OLD.version AND (
+     NEW.optimizer IS NOT OLD.optimizer
+  OR NEW.learning_rate IS NOT OLD.learning_rate
+  OR NEW.weight_decay IS NOT OLD.weight_decay
+  OR NEW.dropout IS NOT OLD.dropout
+  OR NEW.stop_train IS NOT OLD.stop_train)
+BEGIN
+  UPDATE parameters SET version = OLD.version + 1 WHERE run_id = NEW.run_id;
+END"""
+    ),
+    DDL(
+        """CREATE TRIGGER parameters_stamp AFTER UPDATE OF version ON parameters
+FOR EACH ROW WHEN NEW.version <> OLD.version
+BEGIN
+  UPDATE parameters SET dt_updated = strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now')
+  WHERE run_id = NEW.run_id;
+END"""
+    ),
+)
+for _ddl in _PG_TRIGGERS:
+    event.listen(parameters, "after_create", _ddl.execute_if(dialect="postgresql"))
+for _ddl in _SQLITE_TRIGGERS:
+    event.listen(parameters, "after_create", _ddl.execute_if(dialect="sqlite"))
+
+
+def create_schema(engine: Engine) -> None:
+    """Create whatever tables (and their triggers) are missing."""
+    metadata.create_all(engine, checkfirst=True)
+
+
+def postgresql_ddl() -> str:
+    """The PostgreSQL DDL that `create_schema` runs on an empty database."""
+    statements: list[str] = []
+
+    def collect(sql: Any, *args: Any, **kw: Any) -> None:
+        text_ = str(sql.compile(dialect=engine.dialect)).strip()
+        statements.append("\n".join(line.rstrip() for line in text_.splitlines()))
+
+    engine = create_mock_engine("postgresql+psycopg://", collect)
+    metadata.create_all(engine, checkfirst=False)
+    header = (
+        "-- Generated by `python -m db.schema`; edit db/schema.py, not this file.\n"
+        "-- docker-compose.yml loads it when the postgres volume is first created.\n"
+    )
+    return header + "\n\n".join(s + ";" for s in statements) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(postgresql_ddl())

@@ -1,0 +1,401 @@
+"""Every query the trainer and the board make, on PostgreSQL or SQLite alike."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    create_engine,
+    event,
+    func,
+    insert,
+    make_url,
+    select,
+    update,
+)
+from sqlalchemy.engine import URL
+
+from db import schema as s
+from hyperparams import Hyperparameters, validate
+
+DEFAULT_SQLITE_FILE = "training.db"
+
+
+def resolve_url(cli_value: str | None = None) -> str:
+    """--db, else $DATABASE_URL, else an SQLite file in the working directory."""
+    url = cli_value or os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_FILE}"
+    if url.startswith("postgres://"):  # Heroku-style alias
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):  # plain scheme: psycopg 3 on every SQLAlchemy 2.x
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+def describe_url(url: str | URL) -> str:
+    """The URL with any password masked, for logs and the board."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the board read while the trainer writes; busy_timeout waits out
+    # the other process's short write transactions instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    url = resolve_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": 10})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ParameterState:
+    """One `parameters` row: the desired state of a run and what the trainer applied.
+
+    Values are as read from the database and may be invalid if someone forced
+    them past the constraints; `hyperparameters()` says so.
+    """
+
+    run_id: int
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    dropout: int
+    stop_train: bool
+    version: int
+    dt_updated: datetime
+    applied_version: int
+    applied_step: int
+    dt_applied: datetime
+
+    def hyperparameters(self) -> tuple[Hyperparameters | None, dict[str, str]]:
+        return validate(self.optimizer, self.learning_rate, self.weight_decay, self.dropout)
+
+
+@dataclass
+class Batch:
+    """What the background writer has collected since its last flush."""
+
+    statistics: list[dict[str, Any]] = field(default_factory=list)
+    activations: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    acknowledgements: list[dict[str, Any]] = field(default_factory=list)
+    heartbeat: datetime | None = None
+    status: str | None = None
+    ended: datetime | None = None
+
+    def __len__(self) -> int:
+        return (
+            len(self.statistics)
+            + len(self.activations)
+            + len(self.events)
+            + len(self.acknowledgements)
+            + (self.heartbeat is not None)
+            + (self.status is not None)
+        )
+
+
+class Store:
+    """The database contract as Python calls; one instance per process."""
+
+    def __init__(self, url: str | None = None, create: bool = True) -> None:
+        self.url = resolve_url(url)
+        self.engine = make_engine(self.url)
+        if create:
+            s.create_schema(self.engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- runs ---------------------------------------------------------------
+
+    def create_run(
+        self,
+        name: str,
+        model_name: str,
+        dataset: str,
+        config: Mapping[str, Any],
+        initial: Hyperparameters,
+    ) -> int:
+        """Insert the run, its parameters row (version 1) and its first history row."""
+        started = now()
+        with self.engine.begin() as conn:
+            run_id = conn.execute(
+                insert(s.runs)
+                .values(
+                    name=name,
+                    model_name=model_name,
+                    dataset=dataset,
+                    status="running",
+                    dt_started=started,
+                    dt_heartbeat=started,
+                    config=dict(config),
+                )
+                .returning(s.runs.c.run_id)
+            ).scalar_one()
+            values = {
+                "optimizer": initial.optimizer,
+                "learning_rate": initial.learning_rate,
+                "weight_decay": initial.weight_decay,
+                "dropout": initial.dropout,
+                "stop_train": False,
+            }
+            conn.execute(
+                insert(s.parameters).values(
+                    run_id=run_id,
+                    version=1,
+                    dt_updated=started,
+                    applied_version=1,
+                    applied_step=0,
+                    dt_applied=started,
+                    **values,
+                )
+            )
+            conn.execute(
+                insert(s.parameter_changes).values(
+                    run_id=run_id,
+                    version=1,
+                    dt_updated=started,
+                    applied_step=0,
+                    dt_applied=started,
+                    **values,
+                )
+            )
+        return run_id
+
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(s.runs).where(s.runs.c.run_id == run_id)).first()
+        return dict(row._mapping) if row else None
+
+    def list_runs(self, limit: int = 200) -> list[dict[str, Any]]:
+        """Newest first."""
+        query = select(s.runs).order_by(s.runs.c.run_id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def set_status(self, run_id: int, status: str, ended: bool = False) -> None:
+        values: dict[str, Any] = {"status": status, "dt_heartbeat": now()}
+        if ended:
+            values["dt_ended"] = values["dt_heartbeat"]
+        with self.engine.begin() as conn:
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**values))
+
+    # -- parameters: the control channel -----------------------------------
+
+    def get_parameters(self, run_id: int) -> ParameterState | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(s.parameters).where(s.parameters.c.run_id == run_id)
+            ).first()
+        return ParameterState(**row._mapping) if row else None
+
+    def submit_parameters(
+        self,
+        run_id: int,
+        *,
+        optimizer: str | None = None,
+        learning_rate: float | None = None,
+        weight_decay: float | None = None,
+        dropout: int | None = None,
+        stop_train: bool | None = None,
+    ) -> int:
+        """Write a new desired state (version + 1) and return its version.
+
+        Only the given fields change. Invalid values raise ValueError before
+        anything is written.
+        """
+        changes = {
+            k: v
+            for k, v in {
+                "optimizer": optimizer,
+                "learning_rate": learning_rate,
+                "weight_decay": weight_decay,
+                "dropout": dropout,
+                "stop_train": stop_train,
+            }.items()
+            if v is not None
+        }
+        current = self.get_parameters(run_id)
+        if current is None:
+            raise KeyError(f"run {run_id} has no parameters row")
+        merged = {
+            "optimizer": current.optimizer,
+            "learning_rate": current.learning_rate,
+            "weight_decay": current.weight_decay,
+            "dropout": current.dropout,
+        } | {k: v for k, v in changes.items() if k != "stop_train"}
+        parsed, errors = validate(**merged)
+        if errors:
+            raise ValueError("; ".join(errors.values()))
+        values: dict[str, Any] = {
+            k: getattr(parsed, k) for k in changes if k != "stop_train"
+        }
+        if stop_train is not None:
+            values["stop_train"] = bool(stop_train)
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(s.parameters)
+                .where(s.parameters.c.run_id == run_id)
+                .values(
+                    version=s.parameters.c.version + 1, dt_updated=s.UtcNow(), **values
+                )
+                .returning(s.parameters.c.version)
+            ).scalar_one()
+
+    def request_stop(self, run_id: int) -> int:
+        return self.submit_parameters(run_id, stop_train=True)
+
+    def parameter_changes(self, run_id: int) -> list[dict[str, Any]]:
+        """Adopted versions, newest first."""
+        t = s.parameter_changes
+        query = select(t).where(t.c.run_id == run_id).order_by(t.c.version.desc())
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    @contextmanager
+    def parameter_notifications(self) -> Iterator[Callable[[float], set[int]] | None]:
+        """On PostgreSQL, LISTEN for parameter updates from any client.
+
+        Yields wait(timeout) -> run_ids notified within timeout seconds, or None
+        on back ends without notifications (callers poll instead).
+        """
+        if self.dialect != "postgresql":
+            yield None
+            return
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            conn.exec_driver_sql("LISTEN parameters_changed")
+            driver = conn.connection.driver_connection
+
+            def wait(timeout: float) -> set[int]:
+                got: set[int] = set()
+                for note in driver.notifies(timeout=timeout, stop_after=1):
+                    if note.payload.isdigit():
+                        got.add(int(note.payload))
+                return got
+
+            try:
+                yield wait
+            finally:
+                conn.exec_driver_sql("UNLISTEN parameters_changed")
+
+    # -- the background writer's one transaction ----------------------------
+
+    def write_batch(self, run_id: int, batch: Batch) -> None:
+        """Write everything collected in one transaction, one statement per table."""
+        with self.engine.begin() as conn:
+            if batch.statistics:
+                conn.execute(
+                    insert(s.statistics), [{"run_id": run_id, **r} for r in batch.statistics]
+                )
+            if batch.activations:
+                conn.execute(
+                    insert(s.activations), [{"run_id": run_id, **r} for r in batch.activations]
+                )
+            if batch.events:
+                conn.execute(insert(s.events), [{"run_id": run_id, **r} for r in batch.events])
+            if batch.acknowledgements:
+                conn.execute(
+                    insert(s.parameter_changes),
+                    [{"run_id": run_id, **a} for a in batch.acknowledgements],
+                )
+                last = max(batch.acknowledgements, key=lambda a: a["version"])
+                p = s.parameters
+                conn.execute(
+                    update(p)
+                    .where(p.c.run_id == run_id, p.c.applied_version < last["version"])
+                    .values(
+                        applied_version=last["version"],
+                        applied_step=last["applied_step"],
+                        dt_applied=last["dt_applied"],
+                    )
+                )
+            run_values: dict[str, Any] = {}
+            if batch.heartbeat is not None:
+                run_values["dt_heartbeat"] = batch.heartbeat
+            if batch.status is not None:
+                run_values["status"] = batch.status
+            if batch.ended is not None:
+                run_values["dt_ended"] = batch.ended
+            if run_values:
+                conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
+
+    def add_event(
+        self,
+        run_id: int,
+        level: str,
+        code: str,
+        message: str,
+        step: int | None = None,
+        version: int | None = None,
+    ) -> None:
+        row = {"level": level, "code": code, "message": message, "step": step, "dt": now(),
+               "version": version}
+        self.write_batch(run_id, Batch(events=[row]))
+
+    # -- reads for the board and tests ---------------------------------------
+
+    def statistics(
+        self, run_id: int, after_step: int = -1, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Logged steps after `after_step`, oldest first."""
+        t = s.statistics
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.step > after_step)
+            .order_by(t.c.step)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def latest_activations(self, run_id: int) -> list[dict[str, Any]]:
+        """Histograms of the most recent logged step, in layer order."""
+        t = s.activations
+        latest = select(func.max(t.c.step)).where(t.c.run_id == run_id).scalar_subquery()
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.step == latest)
+            .order_by(t.c.nn_part, t.c.number)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def activation_steps(self, run_id: int) -> list[int]:
+        t = s.activations
+        query = select(t.c.step).where(t.c.run_id == run_id).distinct().order_by(t.c.step)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).scalars())
+
+    def events(self, run_id: int, limit: int = 200) -> list[dict[str, Any]]:
+        """Newest first."""
+        t = s.events
+        query = (
+            select(t).where(t.c.run_id == run_id).order_by(t.c.event_id.desc()).limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+

@@ -1,0 +1,139 @@
+"""The background writer: the training thread only enqueues, this thread writes.
+
+Each wake-up drains whatever has queued and writes it in one transaction, so
+the batch grows by itself when the database is slow. A write that fails is kept
+and retried, so a database hiccup costs no rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from db.store import Batch, Store, now
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 2.0
+
+
+class BackgroundWriter:
+    def __init__(
+        self,
+        store: Store,
+        run_id: int,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        close_seconds: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.close_seconds = close_seconds
+        self.run_id = run_id
+        self.heartbeat_seconds = heartbeat_seconds
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._closing = threading.Event()
+        self._pending = Batch()
+        self.rows_written = 0
+        self.failures = 0
+        self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
+        self._thread.start()
+
+    # -- called from the training thread: enqueue only -----------------------
+
+    def statistics(self, row: dict[str, Any]) -> None:
+        self._queue.put(("statistics", row))
+
+    def activations(self, rows: list[dict[str, Any]]) -> None:
+        self._queue.put(("activations", rows))
+
+    def event(
+        self,
+        level: str,
+        code: str,
+        message: str,
+        step: int | None = None,
+        version: int | None = None,
+    ) -> None:
+        row = {"level": level, "code": code, "message": message, "step": step, "dt": now(),
+               "version": version}
+        self._queue.put(("event", row))
+
+    def acknowledge(self, change: dict[str, Any]) -> None:
+        """A parameters version was adopted: history row plus applied_* on the parameters row."""
+        self._queue.put(("ack", change))
+
+    def status(self, status: str, ended: bool = False) -> None:
+        self._queue.put(("status", (status, now() if ended else None)))
+
+    def close(self) -> bool:
+        """Flush what is queued and stop; False if rows could not be written in time."""
+        self._closing.set()
+        self._queue.put(("wake", None))
+        self._thread.join(self.close_seconds + 5)
+        return not self._thread.is_alive() and len(self._pending) == 0
+
+    # -- the writer thread ----------------------------------------------------
+
+    def _take(self, kind: str, item: Any) -> None:
+        batch = self._pending
+        if kind == "statistics":
+            batch.statistics.append(item)
+        elif kind == "activations":
+            batch.activations.extend(item)
+        elif kind == "event":
+            batch.events.append(item)
+        elif kind == "ack":
+            batch.acknowledgements.append(item)
+        elif kind == "status":
+            batch.status, ended = item
+            batch.ended = ended or batch.ended
+
+    def _drain(self, block_seconds: float) -> None:
+        try:
+            self._take(*self._queue.get(timeout=block_seconds))
+            while True:
+                self._take(*self._queue.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        retry_at = 0.0
+        backoff = 0.0
+        deadline: float | None = None
+        while True:
+            if self._closing.is_set() and deadline is None:
+                deadline = time.monotonic() + self.close_seconds
+            wait = 0.0 if deadline else max(retry_at - time.monotonic(), self.heartbeat_seconds / 2)
+            self._drain(wait)
+            clock = time.monotonic()
+            if clock >= next_beat:
+                self._pending.heartbeat = now()
+            if len(self._pending) and clock >= retry_at:
+                beat = self._pending.heartbeat is not None
+                if self._flush():
+                    backoff = 0.0
+                    next_beat = clock + self.heartbeat_seconds if beat else next_beat
+                else:
+                    backoff = min(max(backoff * 2, 0.1), 5.0)
+                    retry_at = clock + backoff
+            if deadline is not None:
+                if not len(self._pending) and self._queue.empty():
+                    return
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(max(0.0, min(retry_at - time.monotonic(), 0.5)))
+
+    def _flush(self) -> bool:
+        batch = self._pending
+        try:
+            self.store.write_batch(self.run_id, batch)
+        except Exception as exc:  # the database is down or busy: keep the rows
+            self.failures += 1
+            log.warning("database write failed (%s rows kept for retry): %s", len(batch), exc)
+            return False
+        self.rows_written += len(batch)
+        self._pending = Batch()
+        return True

@@ -1,0 +1,85 @@
+"""The steerable training parameters and the one place their ranges are defined.
+
+The board, the trainer and the database schema (CHECK constraints) all validate
+against these rules, so a value refused in the browser is refused by SQL too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+OPTIMIZERS: tuple[str, ...] = ("Adam", "AdamW", "SGD", "SGD+Nesterov", "RMSprop")
+
+LR_MAX = 1.0  # 0 < learning_rate <= LR_MAX
+WEIGHT_DECAY_MAX = 1.0  # 0 <= weight_decay <= WEIGHT_DECAY_MAX
+DROPOUT_MAX = 90  # 0 <= dropout <= DROPOUT_MAX, integer percent
+
+DEFAULTS: dict[str, Any] = {  # the seed article's suggested start
+    "optimizer": "Adam",
+    "learning_rate": 3e-4,
+    "weight_decay": 0.0,
+    "dropout": 50,
+}
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    dropout: int  # percent
+
+    def changes_from(self, other: Hyperparameters) -> dict[str, tuple[Any, Any]]:
+        """Fields that differ, as {name: (old, new)}."""
+        return {
+            name: (getattr(other, name), getattr(self, name))
+            for name in ("optimizer", "learning_rate", "weight_decay", "dropout")
+            if getattr(other, name) != getattr(self, name)
+        }
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a number or numeric string, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def validate(
+    optimizer: Any, learning_rate: Any, weight_decay: Any, dropout: Any
+) -> tuple[Hyperparameters | None, dict[str, str]]:
+    """Check raw values (from a form, a CLI or a database row).
+
+    Returns the parsed parameters and no errors, or None and a message per bad field.
+    """
+    errors: dict[str, str] = {}
+    if optimizer not in OPTIMIZERS:
+        errors["optimizer"] = f"optimizer must be one of {', '.join(OPTIMIZERS)}"
+
+    lr = _number(learning_rate)
+    if lr is None:
+        errors["learning_rate"] = "learning rate must be a finite number"
+    elif not 0 < lr <= LR_MAX:
+        errors["learning_rate"] = f"learning rate must be > 0 and <= {LR_MAX:g}"
+
+    wd = _number(weight_decay)
+    if wd is None:
+        errors["weight_decay"] = "weight decay must be a finite number"
+    elif not 0 <= wd <= WEIGHT_DECAY_MAX:
+        errors["weight_decay"] = f"weight decay must be between 0 and {WEIGHT_DECAY_MAX:g}"
+
+    dp = _number(dropout)
+    if dp is None or dp != int(dp):
+        errors["dropout"] = "dropout must be a whole number of percent"
+    elif not 0 <= dp <= DROPOUT_MAX:
+        errors["dropout"] = f"dropout must be between 0 and {DROPOUT_MAX} %"
+
+    if errors:
+        return None, errors
+    return Hyperparameters(optimizer, lr, wd, int(dp)), {}

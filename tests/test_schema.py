@@ -1,0 +1,109 @@
+"""db/schema.sql (what docker-compose loads) and the code build the same database."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect, make_url, text
+
+from db.schema import postgresql_ddl
+from db.store import Store
+
+SCHEMA_SQL = Path(__file__).resolve().parent.parent / "db" / "schema.sql"
+
+SNAPSHOT_QUERIES = {
+    "columns": """
+        SELECT table_name, column_name, data_type, is_nullable, column_default
+        FROM information_schema.columns WHERE table_schema = 'public'
+        ORDER BY table_name, column_name""",
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+        WHERE n.nspname = 'public' ORDER BY 1, 2""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+        WHERE schemaname = 'public' ORDER BY 1, 2""",
+    "triggers": """
+        SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid)
+        FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2""",
+    "functions": """
+        SELECT p.proname, pg_get_functiondef(p.oid) FROM pg_proc p
+        JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'
+        ORDER BY 1""",
+}
+
+
+def snapshot(url: str) -> dict[str, list[tuple]]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        shot = {k: [tuple(r) for r in conn.execute(text(q))] for k, q in SNAPSHOT_QUERIES.items()}
+    engine.dispose()
+    return shot
+
+
+def load_with_psql(url: str) -> None:
+    """Load the file as docker-entrypoint-initdb.d does: psql, stop on the first error."""
+    parsed = make_url(url)
+    subprocess.run(
+        [
+            "psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+            "-h", parsed.host or "127.0.0.1", "-p", str(parsed.port or 5432),
+            "-U", parsed.username or "postgres", "-d", parsed.database, "-f", str(SCHEMA_SQL),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def load_with_driver(url: str) -> None:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(SCHEMA_SQL.read_text())
+    engine.dispose()
+
+
+def test_schema_sql_is_generated_from_the_code() -> None:
+    assert SCHEMA_SQL.read_text() == postgresql_ddl(), "run `make schema` to regenerate it"
+
+
+def test_schema_sql_equals_what_the_code_creates(postgres_url: str, postgres_admin_url: str):
+    code_url = postgres_url
+    Store(code_url).close()
+
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    file_db = make_url(code_url).database + "_file"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{file_db}"')
+    file_url = make_url(code_url).set(database=file_db).render_as_string(hide_password=False)
+    try:
+        if shutil.which("psql"):
+            load_with_psql(file_url)
+        else:
+            load_with_driver(file_url)
+        from_file, from_code = snapshot(file_url), snapshot(code_url)
+        assert {r[0] for r in from_file["columns"]} == {
+            "runs", "parameters", "parameter_changes", "statistics", "activations", "events"
+        }
+        for part in SNAPSHOT_QUERIES:
+            assert from_file[part] == from_code[part], part
+        assert len(from_file["triggers"]) == 2
+        # The code leaves an existing database alone (tables and triggers are not re-created).
+        Store(file_url).close()
+        assert snapshot(file_url) == from_file
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{file_db}" WITH (FORCE)')
+        admin.dispose()
+
+
+def test_sqlite_has_the_same_tables_and_columns(sqlite_url: str, postgres_url: str) -> None:
+    def columns(url: str) -> dict[str, list[str]]:
+        engine = Store(url).engine
+        found = inspect(engine)
+        out = {t: sorted(c["name"] for c in found.get_columns(t)) for t in found.get_table_names()}
+        engine.dispose()
+        return out
+
+    assert columns(sqlite_url) == columns(postgres_url)

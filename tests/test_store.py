@@ -1,0 +1,262 @@
+"""The database contract on both back ends: runs, parameters, history, triggers, constraints."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+
+from db.listener import ParameterListener
+from db.store import Batch, Store, now, resolve_url
+from db.writer import BackgroundWriter
+from hyperparams import Hyperparameters
+
+START = Hyperparameters("Adam", 3e-4, 0.0, 50)
+
+
+def new_run(store: Store) -> int:
+    return store.create_run("run", "smallcnn", "mnist5k", {"lr": 3e-4, "nested": [1, 2]}, START)
+
+
+def raw_update(store: Store, sql: str, **params: object) -> None:
+    """A third-party client: plain SQL, its own transaction."""
+    with store.engine.begin() as conn:
+        conn.execute(text(sql), params)
+
+
+def test_plain_postgresql_urls_use_psycopg3(postgres_url: str) -> None:
+    assert postgres_url.startswith("postgresql+psycopg://")
+    plain = "postgresql://" + postgres_url.split("://", 1)[1]
+    assert resolve_url(plain).startswith("postgresql+psycopg://")
+    assert resolve_url("postgres://u:p@h/d") == "postgresql+psycopg://u:p@h/d"
+    store = Store(plain)
+    assert store.engine.dialect.driver == "psycopg"
+    store.close()
+
+
+def test_default_url_is_sqlite_in_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert resolve_url(None) == "sqlite:///training.db"
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///elsewhere.db")
+    assert resolve_url(None) == "sqlite:///elsewhere.db"
+    assert resolve_url("sqlite:///cli.db") == "sqlite:///cli.db"
+
+
+def test_create_run_writes_run_parameters_and_first_history_row(store: Store) -> None:
+    run_id = new_run(store)
+    run = store.get_run(run_id)
+    assert run["status"] == "running" and run["config"]["nested"] == [1, 2]
+    assert run["dt_started"].tzinfo is not None
+    p = store.get_parameters(run_id)
+    assert (p.optimizer, p.learning_rate, p.weight_decay, p.dropout) == ("Adam", 3e-4, 0.0, 50)
+    assert (p.version, p.applied_version, p.applied_step, p.stop_train) == (1, 1, 0, False)
+    history = store.parameter_changes(run_id)
+    assert [(h["version"], h["applied_step"]) for h in history] == [(1, 0)]
+    assert [r["run_id"] for r in store.list_runs()] == [run_id]
+
+
+def test_submit_changes_only_given_fields_and_bumps_version(store: Store) -> None:
+    run_id = new_run(store)
+    before = store.get_parameters(run_id)
+    assert store.submit_parameters(run_id, learning_rate=1e-3) == 2
+    after = store.get_parameters(run_id)
+    assert after.learning_rate == 1e-3 and after.optimizer == "Adam" and after.dropout == 50
+    assert after.dt_updated > before.dt_updated
+    assert store.submit_parameters(run_id, optimizer="SGD+Nesterov", dropout=20) == 3
+    assert store.request_stop(run_id) == 4
+    assert store.get_parameters(run_id).stop_train is True
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"learning_rate": 0.0},
+        {"learning_rate": -0.1},
+        {"learning_rate": 2.0},
+        {"learning_rate": float("nan")},
+        {"learning_rate": float("inf")},
+        {"weight_decay": -1e-9},
+        {"dropout": 91},
+        {"optimizer": "Adagrad"},
+    ],
+)
+def test_submit_refuses_invalid_values_and_writes_nothing(store: Store, fields: dict) -> None:
+    run_id = new_run(store)
+    with pytest.raises(ValueError):
+        store.submit_parameters(run_id, **fields)
+    assert store.get_parameters(run_id).version == 1
+
+
+@pytest.mark.parametrize(
+    "assignment",
+    [
+        "learning_rate = 0",
+        "learning_rate = 1.5",
+        "learning_rate = NULL",
+        "weight_decay = -0.5",
+        "weight_decay = 2",
+        "dropout = 95",
+        "dropout = -1",
+        "optimizer = 'Adagrad'",
+        "optimizer = NULL",
+        "stop_train = NULL",
+    ],
+)
+def test_schema_constraints_reject_bad_rows_from_any_client(store: Store, assignment: str):
+    run_id = new_run(store)
+    with pytest.raises(IntegrityError):
+        raw_update(store, f"UPDATE parameters SET {assignment} WHERE run_id = :r", r=run_id)
+    assert store.get_parameters(run_id).version == 1
+
+
+def test_nan_learning_rate_is_rejected_by_the_database(store: Store) -> None:
+    run_id = new_run(store)
+    with pytest.raises(IntegrityError):
+        raw_update(
+            store, "UPDATE parameters SET learning_rate = :lr WHERE run_id = :r",
+            lr=float("nan"), r=run_id,
+        )
+
+
+def test_trigger_versions_a_change_whose_writer_forgot(store: Store) -> None:
+    run_id = new_run(store)
+    before = store.get_parameters(run_id)
+    time.sleep(0.01)
+    raw_update(store, "UPDATE parameters SET dropout = 30 WHERE run_id = :r", r=run_id)
+    after = store.get_parameters(run_id)
+    assert after.version == 2 and after.dropout == 30
+    assert after.dt_updated > before.dt_updated
+    # A writer that follows the contract is not bumped twice.
+    raw_update(
+        store, "UPDATE parameters SET dropout = 40, version = version + 1 WHERE run_id = :r",
+        r=run_id,
+    )
+    assert store.get_parameters(run_id).version == 3
+    # The trainer's own write-back (applied_*) is not a new version.
+    raw_update(store, "UPDATE parameters SET applied_version = 3 WHERE run_id = :r", r=run_id)
+    assert store.get_parameters(run_id).version == 3
+
+
+def test_concurrent_submits_each_get_their_own_version(store: Store) -> None:
+    run_id = new_run(store)
+    per_thread, threads = 15, 4
+    errors: list[Exception] = []
+
+    def submit(i: int) -> None:
+        try:
+            for j in range(per_thread):
+                store.submit_parameters(run_id, learning_rate=(i * per_thread + j + 1) * 1e-5)
+        except Exception as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=submit, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert store.get_parameters(run_id).version == 1 + per_thread * threads
+
+
+def test_write_batch_and_acknowledgement(store: Store) -> None:
+    run_id = new_run(store)
+    store.submit_parameters(run_id, learning_rate=1e-3)
+    p = store.get_parameters(run_id)
+    applied = now()
+    stat = {
+        "step": 10, "epoch": 1, "dt": applied, "optimizer": "Adam", "learning_rate": 1e-3,
+        "weight_decay": 0.0, "dropout": 50, "train_loss": float("nan"), "train_accuracy": 10.0,
+        "validate_loss": 2.3, "validate_accuracy": 11.0,
+    }
+    hist = {
+        "step": 10, "layer_name": "features.0", "nn_part": "features", "layer_type": "conv",
+        "number": 0, "bin_edges": [0.0, 0.5, 1.0], "counts": [3, 4], "mean": 0.4, "std": 0.2,
+    }
+    ack = {
+        "version": 2, "optimizer": "Adam", "learning_rate": 1e-3, "weight_decay": 0.0,
+        "dropout": 50, "stop_train": False, "dt_updated": p.dt_updated, "applied_step": 7,
+        "dt_applied": applied,
+    }
+    store.write_batch(
+        run_id,
+        Batch(statistics=[stat], activations=[hist], acknowledgements=[ack], heartbeat=applied,
+              events=[{"level": "info", "code": "x", "message": "'; DROP TABLE runs; --",
+                       "step": 10, "dt": applied, "version": 2}]),
+    )
+    p = store.get_parameters(run_id)
+    assert (p.applied_version, p.applied_step) == (2, 7)
+    assert abs(p.dt_applied - applied) < timedelta(milliseconds=1)
+    assert [h["version"] for h in store.parameter_changes(run_id)] == [2, 1]
+    rows = store.statistics(run_id)
+    assert rows[0]["step"] == 10 and rows[0]["validate_loss"] == 2.3
+    assert store.statistics(run_id, after_step=10) == []
+    [a] = store.latest_activations(run_id)
+    assert a["bin_edges"] == [0.0, 0.5, 1.0] and a["counts"] == [3, 4]
+    assert store.events(run_id)[0]["message"] == "'; DROP TABLE runs; --"
+    assert store.get_run(run_id)["dt_heartbeat"] == applied
+    # parameter_changes never holds a version twice
+    with pytest.raises(IntegrityError):
+        store.write_batch(run_id, Batch(acknowledgements=[ack]))
+
+
+def test_timestamps_are_utc_and_round_trip(store: Store) -> None:
+    run_id = new_run(store)
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    store.write_batch(run_id, Batch(heartbeat=moment))
+    assert store.get_run(run_id)["dt_heartbeat"] == moment
+
+
+def test_listener_hands_over_changes_from_any_client(store: Store) -> None:
+    run_id = new_run(store)
+    # A long safety poll: on PostgreSQL only NOTIFY can deliver within the deadline.
+    listener = ParameterListener(store, run_id, seen_version=1, poll_seconds=30
+                                 if store.dialect == "postgresql" else 0.05)
+    try:
+        assert listener.connected.wait(10)
+        assert listener.take() is None
+        started = time.monotonic()
+        raw_update(
+            store,
+            "UPDATE parameters SET learning_rate = 0.002, version = version + 1 WHERE run_id = :r",
+            r=run_id,
+        )
+        assert listener.changed.wait(5)
+        latency = time.monotonic() - started
+        state = listener.take()
+        assert state.version == 2 and state.learning_rate == 0.002
+        assert latency < 2.0
+        assert listener.take() is None and not listener.changed.is_set()
+        # Two quick changes: the loop gets the newest, once.
+        store.submit_parameters(run_id, dropout=10)
+        store.submit_parameters(run_id, dropout=20)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if listener.changed.wait(0.1) and (s := listener.take()) and s.version == 4:
+                break
+        assert s.version == 4 and s.dropout == 20
+    finally:
+        listener.close()
+
+
+def test_background_writer_writes_everything_and_heartbeats(store: Store) -> None:
+    run_id = new_run(store)
+    writer = BackgroundWriter(store, run_id, heartbeat_seconds=0.2)
+    started = store.get_run(run_id)["dt_heartbeat"]
+    for step in range(1, 501):
+        writer.statistics({
+            "step": step, "epoch": 1, "dt": now(), "optimizer": "Adam", "learning_rate": 3e-4,
+            "weight_decay": 0.0, "dropout": 50, "train_loss": 1.0 / step,
+        })
+    time.sleep(0.5)
+    writer.event("info", "done", "done", step=500)
+    writer.status("finished", ended=True)
+    assert writer.close()
+    assert len(store.statistics(run_id)) == 500
+    run = store.get_run(run_id)
+    assert run["status"] == "finished" and run["dt_ended"] is not None
+    assert run["dt_heartbeat"] > started
+    assert store.events(run_id)[0]["code"] == "done"

@@ -1,0 +1,295 @@
+"""Train a CNN while a database carries its telemetry out and its parameters in.
+
+    python train.py                       # small CNN on the offline MNIST sample, SQLite
+    python train.py --db postgresql://postgres@127.0.0.1/postgres --lr 1e-3
+
+The board (or any SQL client) changes optimizer / learning rate / weight decay /
+dropout or sets stop_train in the `parameters` row; a background listener hands
+the new version to this loop, which applies it at the next step boundary.
+Nothing in the loop waits on the database: writes go through a background writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
+from db.listener import ParameterListener
+from db.store import ParameterState, Store, describe_url, now, resolve_url
+from db.writer import BackgroundWriter
+from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
+from models import MODEL_NAMES, ModelUnavailable, build_model
+from steering import apply_parameters, build_optimizer, learning_rate_in_force, trainable
+from telemetry import ActivationRecorder, IntervalMetrics, evaluate
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", choices=MODEL_NAMES, default="smallcnn")
+    p.add_argument("--pretrained", action="store_true", help="start from torchvision weights")
+    p.add_argument("--transfer", action="store_true", help="pretrained, train only the head")
+    p.add_argument(
+        "--dataset", default="mnist5k",
+        help=f"one of {', '.join(DATASETS)}, or a folder of class sub-folders",
+    )
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--log-every", type=int, default=50, help="log statistics every N steps")
+    p.add_argument("--val-batches", type=int, default=10, help="validation batches per log")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["learning_rate"])
+    p.add_argument("--weight-decay", type=float, default=DEFAULTS["weight_decay"])
+    p.add_argument(
+        "--dropout", type=int, default=DEFAULTS["dropout"], help=f"percent, 0..{DROPOUT_MAX}"
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--checkpoint-dir", default="checkpoints")
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: $DATABASE_URL, "
+                   "else sqlite:///training.db)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (for logs)")
+    args = p.parse_args(argv)
+
+    for name in ("epochs", "batch_size", "log_every", "val_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error("--max-steps must be at least 1")
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
+    _, errors = validate(args.optimizer, args.lr, args.weight_decay, args.dropout)
+    if errors:
+        p.error("; ".join(errors.values()))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+class StopSignal:
+    """First Ctrl-C (or SIGTERM) asks for a graceful stop; a second one interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._handle)
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt
+        self.requested.set()
+        print("\nstopping after this step (Ctrl-C again to interrupt)", file=sys.stderr)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def save_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+    step: int, epoch: int, params: Hyperparameters, run_id: int,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "run_id": run_id,
+            "step": step,
+            "epoch": epoch,
+            "parameters": vars(params),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+
+
+def describe_change(old: Hyperparameters, new: Hyperparameters) -> str:
+    changes = new.changes_from(old)
+    return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "no value changed"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    params = Hyperparameters(args.optimizer, args.lr, args.weight_decay, args.dropout)
+
+    try:
+        train_set, val_set, info = load_datasets(args.dataset, args.data_dir, seed=args.seed)
+        model = build_model(
+            args.model, info.num_classes, info.in_channels, info.image_size,
+            dropout=args.dropout / 100, pretrained=args.pretrained, transfer=args.transfer,
+        ).to(device)
+    except (DatasetUnavailable, ModelUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    train_loader, val_loader = make_loaders(
+        train_set, val_set, args.batch_size, args.workers, args.seed
+    )
+    optimizer = build_optimizer(args.optimizer, trainable(model), args.lr, args.weight_decay)
+    recorder = ActivationRecorder(model)
+    metrics = IntervalMetrics(device)
+
+    url = resolve_url(args.db)
+    store = Store(url)
+    config = vars(args) | {
+        "db": describe_url(url),
+        "num_classes": info.num_classes,
+        "classes": list(info.classes),
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+        "train_samples": len(train_set),
+        "val_samples": len(val_set),
+        "parameters_count": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+    run_name = args.run_name or f"{args.model}-{info.name}-{now():%Y%m%d-%H%M%S}"
+    run_id = store.create_run(run_name, args.model, info.name, config, params)
+    writer = BackgroundWriter(store, run_id)
+    listener = ParameterListener(store, run_id, seen_version=1)
+    stop = StopSignal()
+    checkpoint = Path(args.checkpoint_dir) / f"run_{run_id}" / "last.pt"
+    print(f"run {run_id} '{run_name}' on {device}, database {describe_url(url)}", file=sys.stderr)
+    writer.event("info", "run_started", f"run {run_id} started: {args.model} on {info.name}, "
+                 f"{device}, {params.optimizer} lr {params.learning_rate:g}", step=0)
+
+    steps_per_epoch = len(train_loader)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or sys.maxsize)
+    step, epoch, last_logged = 0, 1, -1
+    interval_start, interval_samples = time.perf_counter(), 0
+
+    def log(full_validation: bool) -> None:
+        nonlocal last_logged, interval_start, interval_samples
+        train_loss, train_acc = metrics.summary()
+        val_loss, val_acc = evaluate(
+            model, val_loader, device,
+            max_batches=None if full_validation else args.val_batches, on_first_batch=recorder,
+        )
+        elapsed = time.perf_counter() - interval_start
+        writer.statistics({
+            "step": step, "epoch": epoch, "dt": now(),
+            "optimizer": params.optimizer, "learning_rate": learning_rate_in_force(optimizer),
+            "weight_decay": params.weight_decay, "dropout": params.dropout,
+            "train_loss": train_loss, "train_accuracy": train_acc,
+            "validate_loss": val_loss, "validate_accuracy": val_acc,
+            "samples_per_second": interval_samples / elapsed if elapsed > 0 else None,
+        })
+        writer.activations(recorder.rows(step))
+        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}",
+                        lr=f"{learning_rate_in_force(optimizer):.2e}")
+        last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
+
+    def adopt(state: ParameterState) -> bool:
+        """Apply a new parameters version at this step boundary; True if it asks to stop."""
+        nonlocal optimizer, params
+        new, errors = state.hyperparameters()
+        if errors:
+            writer.event("warning", "parameters_rejected",
+                         f"version {state.version} ignored: {'; '.join(errors.values())}; "
+                         "training continues with the previous values",
+                         step=step, version=state.version)
+            return state.stop_train
+        try:
+            optimizer = apply_parameters(model, optimizer, params, new)
+        except (ValueError, RuntimeError) as exc:
+            writer.event("warning", "parameters_rejected",
+                         f"version {state.version} ignored: the model cannot take it ({exc})",
+                         step=step, version=state.version)
+            return state.stop_train
+        writer.acknowledge({
+            "version": state.version, **vars(new), "stop_train": state.stop_train,
+            "dt_updated": state.dt_updated, "applied_step": step, "dt_applied": now(),
+        })
+        writer.event("info", "parameters_applied",
+                     f"version {state.version} applied at step {step}: "
+                     f"{describe_change(params, new)}", step=step, version=state.version)
+        params = new
+        return state.stop_train
+
+    bar = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True)
+    stopping = done = False
+    try:
+        model.train()
+        for epoch in range(1, args.epochs + 1):
+            bar.set_description(f"epoch {epoch}/{args.epochs}")
+            for i, (x, y) in enumerate(train_loader):
+                if listener.changed.is_set() and (state := listener.take()):
+                    stopping = adopt(state)
+                stopping = stopping or stop.requested.is_set()
+                if stopping:
+                    break
+
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                loss = nn.functional.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                metrics.add(loss, logits, y)
+                step += 1
+                interval_samples += y.shape[0]
+                bar.update()
+
+                end_of_epoch = i == steps_per_epoch - 1
+                done = step >= total
+                if step % args.log_every == 0 or end_of_epoch or done:
+                    log(full_validation=end_of_epoch or done)
+                if done:
+                    break
+            if stopping or done:
+                break
+
+        status = "stopped" if stopping else "finished"
+        if step != last_logged and step > 0:
+            log(full_validation=True)  # the final validation of a stopped run
+        save_checkpoint(checkpoint, model, optimizer, step, epoch, params, run_id)
+        writer.event("info", f"run_{status}", f"run {status} at step {step}, epoch {epoch}; "
+                     f"checkpoint saved to {checkpoint}", step=step)
+        writer.status(status, ended=True)
+        return 0
+    except KeyboardInterrupt:
+        writer.event("warning", "run_interrupted", f"interrupted at step {step}", step=step)
+        writer.status("stopped", ended=True)
+        return 130
+    except Exception as exc:
+        writer.event("error", "run_failed", f"{type(exc).__name__}: {exc}", step=step)
+        writer.status("failed", ended=True)
+        raise
+    finally:
+        bar.close()
+        listener.close()
+        if not writer.close():
+            print("warning: some rows could not be written to the database", file=sys.stderr)
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
