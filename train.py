@@ -126,6 +126,11 @@ def save_checkpoint(
     tmp.replace(path)
 
 
+def describe(p: Hyperparameters) -> str:
+    return f"{p.optimizer}, lr {p.learning_rate:g}, weight decay {p.weight_decay:g}, " \
+        f"dropout {p.dropout} %"
+
+
 def describe_change(old: Hyperparameters, new: Hyperparameters) -> str:
     changes = new.changes_from(old)
     return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "no value changed"
@@ -208,30 +213,35 @@ def main(argv: list[str] | None = None) -> int:
         last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
 
     def adopt(state: ParameterState) -> bool:
-        """Apply a new parameters version at this step boundary; True if it asks to stop."""
+        """Apply a new parameters version at this step boundary; True if it asks to stop.
+
+        Values the model cannot take are ignored with a warning and the old ones
+        stay in force; a stop request in the same version is still honoured.
+        """
         nonlocal optimizer, params
         new, errors = state.hyperparameters()
-        if errors:
+        if new is not None:
+            try:
+                optimizer = apply_parameters(model, optimizer, params, new)
+            except (ValueError, RuntimeError) as exc:
+                new, errors = None, {"model": f"the model cannot take it ({exc})"}
+        if new is None:
+            then = "stopping as requested" if state.stop_train else "training continues"
             writer.event("warning", "parameters_rejected",
                          f"version {state.version} ignored: {'; '.join(errors.values())}; "
-                         "training continues with the previous values",
-                         step=step, version=state.version)
-            return state.stop_train
-        try:
-            optimizer = apply_parameters(model, optimizer, params, new)
-        except (ValueError, RuntimeError) as exc:
-            writer.event("warning", "parameters_rejected",
-                         f"version {state.version} ignored: the model cannot take it ({exc})",
-                         step=step, version=state.version)
-            return state.stop_train
+                         f"{then} with {describe(params)}", step=step, version=state.version)
+            if not state.stop_train:
+                return False
+        in_force = new or params
         writer.acknowledge({
-            "version": state.version, **vars(new), "stop_train": state.stop_train,
+            "version": state.version, **vars(in_force), "stop_train": state.stop_train,
             "dt_updated": state.dt_updated, "applied_step": step, "dt_applied": now(),
         })
-        writer.event("info", "parameters_applied",
-                     f"version {state.version} applied at step {step}: "
-                     f"{describe_change(params, new)}", step=step, version=state.version)
-        params = new
+        if new is not None:
+            writer.event("info", "parameters_applied",
+                         f"version {state.version} applied at step {step}: "
+                         f"{describe_change(params, new)}", step=step, version=state.version)
+        params = in_force
         return state.stop_train
 
     bar = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True)

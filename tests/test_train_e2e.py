@@ -1,0 +1,224 @@
+"""train.py as a real subprocess, steered by plain SQL as a third-party client would."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import torch
+from sqlalchemy import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SqlClient:
+    """Talks to the database with the plain driver, not with this project's code."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.kind = parsed.get_backend_name()
+        if self.kind == "sqlite":
+            self.conn: Any = sqlite3.connect(parsed.database, timeout=10, isolation_level=None)
+        else:
+            plain = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+            self.conn = psycopg.connect(plain, autocommit=True)
+
+    def execute(self, sql: str, params: tuple = ()) -> None:
+        if self.kind == "postgresql":
+            sql = sql.replace("?", "%s")
+        self.conn.execute(sql, params)
+
+    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        if self.kind == "postgresql":
+            sql = sql.replace("?", "%s")
+        return list(self.conn.execute(sql, params).fetchall())
+
+    def one(self, sql: str, params: tuple = ()) -> Any:
+        rows = self.rows(sql, params)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+        except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
+            value = None  # the trainer has not created the tables yet
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@contextmanager
+def trainer(tmp_path: Path, url: str, *extra: str) -> Iterator[subprocess.Popen]:
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(
+        [
+            sys.executable, str(ROOT / "train.py"), "--db", url, "--epochs", "1000",
+            "--log-every", "5", "--val-batches", "1", "--no-progress",
+            "--checkpoint-dir", str(tmp_path / "checkpoints"), *extra,
+        ],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if proc.returncode not in (0, None):
+            print((tmp_path / "train.log").read_text()[-3000:])
+
+
+def statistics(sql: SqlClient, run_id: int) -> list[tuple[int, float]]:
+    return sql.rows(
+        "SELECT step, learning_rate FROM statistics WHERE run_id = ? ORDER BY step", (run_id,)
+    )
+
+
+def test_sql_client_steers_a_running_trainer(tmp_path: Path, db_url: str) -> None:
+    with trainer(tmp_path, db_url) as proc:
+        sql = wait_for("the database", lambda: SqlClient(db_url), timeout=30)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
+        wait_for("3 logged steps", lambda: len(statistics(sql, run_id)) >= 3)
+
+        # 1. A valid change, written with plain SQL as the contract describes.
+        sql.execute(
+            "UPDATE parameters SET learning_rate = 0.001, version = version + 1, "
+            "dt_updated = CURRENT_TIMESTAMP WHERE run_id = ?", (run_id,),
+        )
+        version = sql.one("SELECT version FROM parameters WHERE run_id = ?", (run_id,))[0]
+        applied = wait_for(
+            "the acknowledgement",
+            lambda: sql.one(
+                "SELECT applied_step FROM parameters WHERE run_id = ? AND applied_version = ?",
+                (run_id, version),
+            ),
+            timeout=30,
+        )
+        applied_step = applied[0]
+        wait_for(
+            "3 logged steps after the change",
+            lambda: sum(s > applied_step for s, _ in statistics(sql, run_id)) >= 3,
+        )
+
+        # 2. A row forced past the constraints (as an admin could): ignored with a warning.
+        if sql.kind == "sqlite":
+            sql.execute("PRAGMA ignore_check_constraints = ON")
+        else:
+            sql.execute("ALTER TABLE parameters DROP CONSTRAINT parameters_learning_rate_range")
+        sql.execute("UPDATE parameters SET learning_rate = 5 WHERE run_id = ?", (run_id,))
+        bad_version = sql.one("SELECT version FROM parameters WHERE run_id = ?", (run_id,))[0]
+        assert bad_version == version + 1  # the trigger versioned the forgetful writer
+        wait_for(
+            "the rejection event",
+            lambda: sql.one(
+                "SELECT message FROM events WHERE run_id = ? AND code = 'parameters_rejected' "
+                "AND level = 'warning' AND version = ?", (run_id, bad_version),
+            ),
+        )
+        logged = len(statistics(sql, run_id))
+        wait_for("training to go on", lambda: len(statistics(sql, run_id)) >= logged + 2)
+
+        # 3. Stop.
+        sql.execute("UPDATE parameters SET stop_train = TRUE WHERE run_id = ?", (run_id,))
+        assert proc.wait(timeout=60) == 0
+
+    status, ended = sql.one("SELECT status, dt_ended FROM runs WHERE run_id = ?", (run_id,))
+    assert status == "stopped" and ended is not None
+    rows = statistics(sql, run_id)
+    assert all(lr == 0.001 for step, lr in rows if step > applied_step)
+    assert all(lr == 3e-4 for step, lr in rows if step <= applied_step)
+    assert any(step <= applied_step for step, _ in rows)
+    versions = [v for (v,) in sql.rows(
+        "SELECT version FROM parameter_changes WHERE run_id = ? ORDER BY version", (run_id,)
+    )]
+    assert versions == [1, version, bad_version + 1]  # start, the lr change, the stop
+    lr_in_force = sql.one(
+        "SELECT learning_rate FROM parameter_changes WHERE run_id = ? AND version = ?",
+        (run_id, bad_version + 1),
+    )[0]
+    assert lr_in_force == 0.001
+
+    # Adam's state survived the change: its step count covers the whole run, not
+    # only the steps since the change.
+    checkpoint = torch.load(
+        tmp_path / "checkpoints" / f"run_{run_id}" / "last.pt", weights_only=False
+    )
+    final_step = checkpoint["step"]
+    assert final_step > applied_step > 0
+    adam_steps = {float(s["step"]) for s in checkpoint["optimizer"]["state"].values()}
+    assert adam_steps == {float(final_step)}
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.001
+
+    codes = [c for (c,) in sql.rows("SELECT code FROM events WHERE run_id = ?", (run_id,))]
+    assert {"run_started", "parameters_applied", "parameters_rejected", "run_stopped"} <= set(
+        codes
+    )
+    sql.close()
+
+
+def test_ctrl_c_stops_gracefully(tmp_path: Path, sqlite_url: str) -> None:
+    with trainer(tmp_path, sqlite_url) as proc:
+        sql = wait_for("the database", lambda: SqlClient(sqlite_url), timeout=30)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
+        wait_for("a logged step", lambda: statistics(sql, run_id))
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    assert sql.one("SELECT status FROM runs")[0] == "stopped"
+    assert (tmp_path / "checkpoints" / f"run_{run_id}" / "last.pt").exists()
+    sql.close()
+
+
+def test_max_steps_finishes(tmp_path: Path, sqlite_url: str) -> None:
+    with trainer(tmp_path, sqlite_url, "--max-steps", "12") as proc:
+        assert proc.wait(timeout=120) == 0
+    sql = SqlClient(sqlite_url)
+    assert sql.one("SELECT status FROM runs")[0] == "finished"
+    steps = [s for s, _ in statistics(sql, 1)]
+    assert steps == [5, 10, 12]  # every --log-every, plus the last step
+    layers = sql.rows("SELECT DISTINCT layer_name FROM activations WHERE step = 12")
+    assert len(layers) >= 3
+    sql.close()
+
+
+@pytest.mark.parametrize(
+    "args", [["--lr", "0"], ["--dropout", "150"], ["--optimizer", "Adagrad"], ["--epochs", "0"]]
+)
+def test_invalid_options_exit_2_before_any_run_exists(tmp_path: Path, args: list[str]) -> None:
+    db = tmp_path / "never.db"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--db", f"sqlite:///{db}", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error:" in result.stderr
+    assert not db.exists()
+
+
+def test_missing_dataset_says_what_to_run(tmp_path: Path) -> None:
+    db = tmp_path / "never.db"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--db", f"sqlite:///{db}",
+         "--dataset", "cifar10", "--data-dir", str(tmp_path / "data")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "get_dataset.py cifar10" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not db.exists()
