@@ -222,3 +222,29 @@ def test_missing_dataset_says_what_to_run(tmp_path: Path) -> None:
     assert "get_dataset.py cifar10" in result.stderr
     assert "Traceback" not in result.stderr
     assert not db.exists()
+
+
+def test_a_crash_marks_the_run_failed_with_the_error(tmp_path: Path) -> None:
+    """A corrupt image in a folder dataset fails the run mid-training, for real."""
+    from PIL import Image
+
+    for label in ("cats", "dogs"):
+        folder = tmp_path / "images" / label
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (i * 60, 0, 0)).save(folder / f"{i}.png")
+    (tmp_path / "images" / "dogs" / "broken.png").write_bytes(b"not a png")
+    db = tmp_path / "crash.db"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--db", f"sqlite:///{db}", "--no-progress",
+         "--dataset", str(tmp_path / "images"), "--batch-size", "2", "--epochs", "3",
+         "--checkpoint-dir", str(tmp_path / "checkpoints")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 1
+    sql = SqlClient(f"sqlite:///{db}")
+    status, ended = sql.one("SELECT status, dt_ended FROM runs")
+    assert status == "failed" and ended is not None
+    level, message = sql.one("SELECT level, message FROM events WHERE code = 'run_failed'")
+    assert level == "error" and "UnidentifiedImageError" in message
+    sql.close()
