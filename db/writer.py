@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy.exc import DataError, IntegrityError
+
 from db.store import Batch, Store, now
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class BackgroundWriter:
         self._closing = threading.Event()
         self._pending = Batch()
         self.rows_written = 0
+        self.rows_dropped = 0
         self.failures = 0
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
@@ -130,10 +133,32 @@ class BackgroundWriter:
         batch = self._pending
         try:
             self.store.write_batch(self.run_id, batch)
+        except (IntegrityError, DataError):  # a bad row, not a bad connection
+            self._write_one_by_one(batch)
         except Exception as exc:  # the database is down or busy: keep the rows
             self.failures += 1
             log.warning("database write failed (%s rows kept for retry): %s", len(batch), exc)
             return False
-        self.rows_written += len(batch)
+        else:
+            self.rows_written += len(batch)
         self._pending = Batch()
         return True
+
+    def _write_one_by_one(self, batch: Batch) -> None:
+        """Isolate the rows the database refuses so that one cannot block the rest."""
+        singles = (
+            [Batch(statistics=[r]) for r in batch.statistics]
+            + [Batch(activations=[r]) for r in batch.activations]
+            + [Batch(events=[r]) for r in batch.events]
+            + [Batch(acknowledgements=[r]) for r in batch.acknowledgements]
+            + [Batch(heartbeat=batch.heartbeat, status=batch.status, ended=batch.ended)]
+        )
+        for single in singles:
+            if not len(single):
+                continue
+            try:
+                self.store.write_batch(self.run_id, single)
+                self.rows_written += len(single)
+            except (IntegrityError, DataError) as exc:
+                self.rows_dropped += len(single)
+                log.error("the database refused a row, dropped: %s", exc)

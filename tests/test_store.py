@@ -260,3 +260,17 @@ def test_background_writer_writes_everything_and_heartbeats(store: Store) -> Non
     assert run["status"] == "finished" and run["dt_ended"] is not None
     assert run["dt_heartbeat"] > started
     assert store.events(run_id)[0]["code"] == "done"
+
+
+def test_a_row_the_database_refuses_does_not_block_the_others(store: Store) -> None:
+    run_id = new_run(store)
+    writer = BackgroundWriter(store, run_id)
+    row = {"epoch": 1, "optimizer": "Adam", "learning_rate": 3e-4, "weight_decay": 0.0,
+           "dropout": 50, "train_loss": 1.0}
+    for step in (1, 2, 2, 3):  # step 2 twice: the second violates the primary key
+        writer.statistics({"step": step, "dt": now(), **row})
+    writer.event("info", "after", "still written")
+    assert writer.close()
+    assert [r["step"] for r in store.statistics(run_id)] == [1, 2, 3]
+    assert store.events(run_id)[0]["code"] == "after"
+    assert writer.rows_dropped == 1
