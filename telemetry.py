@@ -1,21 +1,33 @@
 """What the trainer measures, computed on the device and synchronised once per log.
 
-Per-step work is a few tensor additions; `.item()`/`.tolist()` happen only on
-logged steps, so logging costs nothing between them.
+Per-step work is a few tensor additions and a no-op test in each hook;
+`.item()`/`.tolist()` happen only on logged steps, so telemetry costs nothing
+between them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterator
+import os
+import threading
+import time
+from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
-from models import monitored_layers
+from models import MonitoredLayer, monitored_layers
 
 HISTOGRAM_BINS = 40
+NONLINEARITIES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Softplus,
+)
 
 
 class IntervalMetrics:
@@ -36,12 +48,14 @@ class IntervalMetrics:
         self.correct += (logits.detach().argmax(dim=1) == targets).sum()
         self.samples += n
 
-    def summary(self) -> tuple[float, float]:
-        """(mean loss, accuracy %) and start a new interval."""
-        n = max(self.samples, 1)
-        loss, correct = (self.loss_sum / n).item(), self.correct.item()
+    def summary(self) -> tuple[float | None, float | None]:
+        """(mean loss, accuracy %) and start a new interval; None before any step."""
+        if not self.samples:
+            return None, None
+        loss, correct = (self.loss_sum / self.samples).item(), self.correct.item()
+        accuracy = 100.0 * correct / self.samples
         self.reset()
-        return loss, 100.0 * correct / n
+        return loss, accuracy
 
 
 @torch.no_grad()
@@ -50,9 +64,13 @@ def evaluate(
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     max_batches: int | None = None,
-    on_first_batch: ActivationRecorder | None = None,
+    probe: LayerProbe | None = None,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy %) over `max_batches` batches (all when None), in eval mode."""
+    """(mean loss, accuracy %) over `max_batches` batches (all when None), in eval mode.
+
+    The probe records activations on the first batch: the same images every
+    time, so histograms are comparable from one log to the next.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -62,8 +80,8 @@ def evaluate(
         if max_batches is not None and i >= max_batches:
             break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if on_first_batch is not None and i == 0:
-            with on_first_batch.armed():
+        if probe is not None and i == 0:
+            with probe.armed():
                 logits = model(x)
         else:
             logits = model(x)
@@ -75,26 +93,85 @@ def evaluate(
     return (loss_sum / n).item(), 100.0 * correct.item() / n
 
 
-class ActivationRecorder:
-    """Histograms of every conv/fc layer's output, from hooks registered once.
+def _finite_range(x: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        finite = x[torch.isfinite(x)]  # rare: only when the model has blown up
+        if finite.numel() == 0:
+            return 0.0, 1.0
+        lo, hi = finite.min().item(), finite.max().item()
+    if lo == hi:  # a constant still gets a visible bar
+        return lo - 0.5, hi + 0.5
+    return lo, hi
 
-    The hooks do nothing unless armed, so ordinary steps pay one attribute test.
+
+def histograms(tensors: list[torch.Tensor], bins: int) -> list[tuple[list[float], list[int]]]:
+    """(bin edges, counts) for each tensor, with two device synchronisations in all."""
+    if not tensors:
+        return []
+    flat = [t.detach().float().flatten() for t in tensors]
+    ranges = torch.stack([torch.stack(torch.aminmax(x)) for x in flat]).tolist()
+    edges, counts = [], []
+    for x, (lo, hi) in zip(flat, ranges, strict=True):
+        lo, hi = _finite_range(x, lo, hi)
+        width = (hi - lo) / bins
+        edges.append([lo + i * width for i in range(bins + 1)])
+        counts.append(torch.histc(x, bins=bins, min=lo, max=hi))
+    return [
+        (e, [int(c) for c in row])
+        for e, row in zip(edges, torch.stack(counts).tolist(), strict=True)
+    ]
+
+
+def _units_dead(x: torch.Tensor) -> torch.Tensor:
+    """Fraction of units (dim 1: channels or features) that are zero for every sample."""
+    units = x.transpose(0, 1).reshape(x.shape[1], -1)
+    return (units.abs().amax(dim=1) == 0).float().mean()
+
+
+class LayerProbe:
+    """Per conv/fc layer: activations after the nonlinearity, gradients and updates.
+
+    Forward hooks are registered once and do nothing unless armed. A layer's
+    activation is the output of the first nonlinearity that runs after it and
+    before the next monitored layer, or its own output when there is none (the
+    logits).
     """
 
     def __init__(self, model: nn.Module, bins: int = HISTOGRAM_BINS) -> None:
         self.layers = monitored_layers(model)
         self.bins = bins
         self._armed = False
-        self._captured: dict[str, torch.Tensor] = {}
+        self._layer_of = {id(layer.module): layer for layer in self.layers}
+        self._pending: tuple[MonitoredLayer, torch.Tensor] | None = None
+        self._captured: dict[str, tuple[torch.Tensor, bool]] = {}
+        self._grad_norms: list[torch.Tensor | None] = []
+        self._before: list[torch.Tensor] = []
+        self._updates: list[torch.Tensor] = []
+        self._update_ratios: list[torch.Tensor | None] = []
         for layer in self.layers:
-            layer.module.register_forward_hook(self._hook(layer.name))
+            layer.module.register_forward_hook(self._on_layer)
+        for module in model.modules():
+            if isinstance(module, NONLINEARITIES):
+                module.register_forward_hook(self._on_nonlinearity)
 
-    def _hook(self, name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
-        def hook(module: nn.Module, inputs: object, output: torch.Tensor) -> None:
-            if self._armed:
-                self._captured[name] = output.detach()
+    # -- activations ----------------------------------------------------------
 
-        return hook
+    def _on_layer(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self._armed:
+            self._settle()
+            self._pending = (self._layer_of[id(module)], output.detach())
+
+    def _on_nonlinearity(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self._armed and self._pending is not None:
+            layer, _ = self._pending
+            self._captured[layer.name] = (output.detach(), True)
+            self._pending = None
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            layer, raw = self._pending
+            self._captured[layer.name] = (raw, False)
+            self._pending = None
 
     @contextmanager
     def armed(self) -> Iterator[None]:
@@ -102,41 +179,170 @@ class ActivationRecorder:
         try:
             yield
         finally:
+            self._settle()
             self._armed = False
 
-    def rows(self, step: int) -> list[dict]:
-        """One `activations` row per layer captured since the last call."""
-        captured = [(layer, self._captured.get(layer.name)) for layer in self.layers]
-        captured = [(layer, x.float().flatten()) for layer, x in captured if x is not None]
-        self._captured.clear()
-        if not captured:
-            return []
-        # Two synchronisations in all: ranges first (histc needs them as numbers), then results.
-        ranges = torch.stack([torch.stack(torch.aminmax(x)) for _, x in captured]).tolist()
-        results = []
-        for (_, x), (lo, hi) in zip(captured, ranges, strict=True):
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                lo, hi = 0.0, 1.0  # NaN/Inf activations: the mean and std tell the story
-            elif lo == hi:  # a constant output still gets a visible bar
-                lo, hi = lo - 0.5, hi + 0.5
-            counts = torch.histc(x, bins=self.bins, min=lo, max=hi)
-            results.append((lo, hi, counts, x.mean(), x.std(unbiased=False)))
-        host = [(lo, hi, c.tolist(), m.item(), s.item()) for lo, hi, c, m, s in results]
-        rows = []
-        for (layer, _), (lo, hi, counts, mean, std) in zip(captured, host, strict=True):
-            step_width = (hi - lo) / self.bins
-            rows.append(
-                {
-                    "step": step,
-                    "layer_name": layer.name,
-                    "nn_part": layer.nn_part,
-                    "layer_type": layer.layer_type,
-                    "number": layer.number,
-                    "bin_edges": [lo + i * step_width for i in range(self.bins + 1)],
-                    "counts": [int(c) for c in counts],
-                    "mean": mean,
-                    "std": std,
-                }
-            )
-        return rows
+    # -- gradients and updates, around optimizer.step() on a logged step -------
 
+    def _weights(self) -> list[torch.Tensor]:
+        return [layer.module.weight for layer in self.layers]
+
+    def before_update(self) -> None:
+        weights = self._weights()
+        self._grad_norms = [w.grad.detach().norm() if w.grad is not None else None
+                            for w in weights]
+        self._before = [w.detach().clone() for w in weights]
+
+    def after_update(self) -> None:
+        weights = self._weights()
+        self._updates = [w.detach() - b for w, b in zip(weights, self._before, strict=True)]
+        self._update_ratios = [
+            u.abs().mean() / b.abs().mean().clamp_min(1e-12) if w.requires_grad else None
+            for w, u, b in zip(weights, self._updates, self._before, strict=True)
+        ]
+        self._before = []
+
+    # -- the rows of one log ----------------------------------------------------
+
+    def rows(self, step: int) -> dict[str, list[dict[str, Any]]]:
+        """Rows for activations, layer_statistics and layer_histograms; resets the probe."""
+        layers = [layer for layer in self.layers if layer.name in self._captured]
+        acts = [self._captured[layer.name][0].float() for layer in layers]
+        weights = [layer.module.weight.detach() for layer in self.layers]
+        count = len(self.layers)
+        weight_norms = torch.stack([w.float().norm() for w in weights]).tolist()
+        grad_norms = [g.item() if g is not None else None for g in self._grad_norms]
+        ratios = [r.item() if r is not None else None for r in self._update_ratios]
+        grad_norms, ratios = grad_norms or [None] * count, ratios or [None] * count
+        per_act = (
+            torch.stack([
+                torch.stack([a.mean(), a.std(unbiased=False), (a == 0).float().mean(),
+                             _units_dead(a)])
+                for a in acts
+            ]).tolist()
+            if acts else []
+        )
+        hists = histograms(acts + weights + self._updates, self.bins)
+        act_hists, weight_hists = hists[: len(acts)], hists[len(acts): len(acts) + count]
+        update_hists = hists[len(acts) + count:]
+
+        stats = {name: values for name, values in zip(
+            [layer.name for layer in layers], per_act, strict=True)}
+        out: dict[str, list[dict[str, Any]]] = {
+            "activations": [], "layer_statistics": [], "layer_histograms": []}
+        for layer, (edges, counts), (mean, std, _, _) in zip(
+            layers, act_hists, per_act, strict=True
+        ):
+            out["activations"].append({
+                "step": step, "layer_name": layer.name, "nn_part": layer.nn_part,
+                "layer_type": layer.layer_type, "number": layer.number,
+                "bin_edges": edges, "counts": counts, "mean": mean, "std": std,
+            })
+        for i, layer in enumerate(self.layers):
+            mean, std, zeros, dead = stats.get(layer.name, (None,) * 4)
+            out["layer_statistics"].append({
+                "step": step, "layer_name": layer.name, "act_mean": mean, "act_std": std,
+                "zero_fraction": zeros, "dead_fraction": dead,
+                "has_nonlinearity": self._captured.get(layer.name, (None, False))[1],
+                "grad_norm": grad_norms[i], "update_ratio": ratios[i],
+                "weight_norm": weight_norms[i],
+            })
+            out["layer_histograms"].append({
+                "step": step, "layer_name": layer.name, "kind": "weight",
+                "bin_edges": weight_hists[i][0], "counts": weight_hists[i][1],
+            })
+        for layer, (edges, counts) in zip(self.layers, update_hists, strict=False):
+            out["layer_histograms"].append({
+                "step": step, "layer_name": layer.name, "kind": "update",
+                "bin_edges": edges, "counts": counts,
+            })
+        self._captured.clear()
+        self._grad_norms, self._update_ratios, self._updates = [], [], []
+        return out
+
+
+@torch.no_grad()
+def model_table(model: nn.Module, sample: torch.Tensor) -> list[dict[str, Any]]:
+    """Every leaf module in forward order with its output shape (per sample) and size."""
+    monitored = {layer.name for layer in monitored_layers(model)}
+    names = {id(m): n for n, m in model.named_modules()}
+    seen: dict[int, dict[str, Any]] = {}
+
+    def record(module: nn.Module, inputs: Any, output: Any) -> None:
+        if id(module) in seen or not isinstance(output, torch.Tensor):
+            return
+        params = list(module.parameters(recurse=False))
+        name = names[id(module)]
+        seen[id(module)] = {
+            "position": len(seen),
+            "layer_name": name,
+            "layer_type": type(module).__name__,
+            "output_shape": "x".join(str(d) for d in output.shape[1:]),
+            "parameters": sum(p.numel() for p in params),
+            "trainable": sum(p.numel() for p in params if p.requires_grad),
+            "monitored": name in monitored,
+        }
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(record) for m in leaves]
+    was_training = model.training
+    model.eval()
+    try:
+        model(sample[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return sorted(seen.values(), key=lambda r: r["position"])
+
+
+class Progress:
+    """Counters the training loop bumps (plain ints) and the system sampler reads."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.samples = 0
+
+
+class SystemSampler:
+    """Process CPU and memory, GPU use and throughput every few seconds, off the loop."""
+
+    def __init__(
+        self, sink: Any, progress: Progress, device: torch.device, seconds: float = 5.0
+    ) -> None:
+        self.sink = sink
+        self.progress = progress
+        self.device = device
+        self.seconds = seconds
+        self._process = psutil.Process(os.getpid())
+        self._process.cpu_percent(None)  # the first reading is meaningless
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="system-sampler", daemon=True)
+        self._thread.start()
+
+    def sample(self, last: tuple[float, int]) -> tuple[dict[str, Any], tuple[float, int]]:
+        clock, samples = time.monotonic(), self.progress.samples
+        elapsed = clock - last[0]
+        row: dict[str, Any] = {
+            "step": self.progress.step,
+            "cpu_percent": self._process.cpu_percent(None),
+            "rss_bytes": float(self._process.memory_info().rss),
+            "samples_per_second": (samples - last[1]) / elapsed if elapsed > 0 else None,
+            "gpu_utilization": None,
+            "gpu_memory_bytes": None,
+        }
+        if self.device.type == "cuda":
+            row["gpu_memory_bytes"] = float(torch.cuda.memory_allocated(self.device))
+            with contextlib.suppress(Exception):  # needs pynvml; memory alone still helps
+                row["gpu_utilization"] = float(torch.cuda.utilization(self.device))
+        return row, (clock, samples)
+
+    def _run(self) -> None:
+        last = (time.monotonic(), self.progress.samples)
+        while not self._stop.wait(self.seconds):
+            row, last = self.sample(last)
+            self.sink.rows("system_metrics", [{"dt": datetime.now(UTC), **row}])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.seconds + 1)

@@ -32,7 +32,14 @@ from db.writer import BackgroundWriter
 from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
 from models import MODEL_NAMES, ModelUnavailable, build_model
 from steering import apply_parameters, build_optimizer, learning_rate_in_force, trainable
-from telemetry import ActivationRecorder, IntervalMetrics, evaluate
+from telemetry import (
+    IntervalMetrics,
+    LayerProbe,
+    Progress,
+    SystemSampler,
+    evaluate,
+    model_table,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         train_set, val_set, args.batch_size, args.workers, args.seed
     )
     optimizer = build_optimizer(args.optimizer, trainable(model), args.lr, args.weight_decay)
-    recorder = ActivationRecorder(model)
+    probe = LayerProbe(model)
     metrics = IntervalMetrics(device)
+    progress = Progress()
 
     url = resolve_url(args.db)
     store = Store(url)
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = store.create_run(run_name, args.model, info.name, config, params)
     writer = BackgroundWriter(store, run_id)
     listener = ParameterListener(store, run_id, seen_version=1)
+    sampler = SystemSampler(writer, progress, device)
     stop = StopSignal()
     checkpoint = Path(args.checkpoint_dir) / f"run_{run_id}" / "last.pt"
     print(f"run {run_id} '{run_name}' on {device}, database {describe_url(url)}", file=sys.stderr)
@@ -192,11 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     interval_start, interval_samples = time.perf_counter(), 0
 
     def log(full_validation: bool) -> None:
+        """One statistics row plus per-layer telemetry for the current step."""
         nonlocal last_logged, interval_start, interval_samples
         train_loss, train_acc = metrics.summary()
         val_loss, val_acc = evaluate(
             model, val_loader, device,
-            max_batches=None if full_validation else args.val_batches, on_first_batch=recorder,
+            max_batches=None if full_validation else args.val_batches, probe=probe,
         )
         elapsed = time.perf_counter() - interval_start
         writer.statistics({
@@ -205,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             "weight_decay": params.weight_decay, "dropout": params.dropout,
             "train_loss": train_loss, "train_accuracy": train_acc,
             "validate_loss": val_loss, "validate_accuracy": val_acc,
-            "samples_per_second": interval_samples / elapsed if elapsed > 0 else None,
+            "samples_per_second": interval_samples / elapsed if interval_samples else None,
         })
-        writer.activations(recorder.rows(step))
-        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_loss:.4f}",
-                        lr=f"{learning_rate_in_force(optimizer):.2e}")
+        for table, rows in probe.rows(step).items():
+            writer.rows(table, rows)
+        bar.set_postfix(loss=f"{train_loss if train_loss is not None else val_loss:.4f}",
+                        val=f"{val_loss:.4f}", lr=f"{learning_rate_in_force(optimizer):.2e}")
         last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
 
     def adopt(state: ParameterState) -> bool:
@@ -247,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True)
     stopping = done = False
     try:
+        writer.rows("model_layers", model_table(model, next(iter(val_loader))[0].to(device)))
+        log(full_validation=False)  # step 0: the untrained model, the initial loss
         model.train()
         for epoch in range(1, args.epochs + 1):
             bar.set_description(f"epoch {epoch}/{args.epochs}")
@@ -257,20 +270,27 @@ def main(argv: list[str] | None = None) -> int:
                 if stopping:
                     break
 
+                end_of_epoch = i == steps_per_epoch - 1
+                done = step + 1 >= total
+                logging = (step + 1) % args.log_every == 0 or end_of_epoch or done
+
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
                 loss = nn.functional.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if logging:
+                    probe.before_update()  # gradient norms, weights before the step
                 optimizer.step()
+                if logging:
+                    probe.after_update()  # update:parameter ratios
                 metrics.add(loss, logits, y)
                 step += 1
                 interval_samples += y.shape[0]
+                progress.step, progress.samples = step, progress.samples + y.shape[0]
                 bar.update()
 
-                end_of_epoch = i == steps_per_epoch - 1
-                done = step >= total
-                if step % args.log_every == 0 or end_of_epoch or done:
+                if logging:
                     log(full_validation=end_of_epoch or done)
                 if done:
                     break
@@ -278,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
 
         status = "stopped" if stopping else "finished"
-        if step != last_logged and step > 0:
+        if step != last_logged:
             log(full_validation=True)  # the final validation of a stopped run
         save_checkpoint(checkpoint, model, optimizer, step, epoch, params, run_id)
         writer.event("info", f"run_{status}", f"run {status} at step {step}, epoch {epoch}; "
@@ -295,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         bar.close()
+        sampler.close()
         listener.close()
         if not writer.close():
             print("warning: some rows could not be written to the database", file=sys.stderr)

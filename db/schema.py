@@ -202,6 +202,64 @@ activations = Table(
     CheckConstraint("layer_type IN ('conv', 'fc')", name="activations_layer_type_check"),
 )
 
+layer_statistics = Table(
+    "layer_statistics",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("step", Integer, primary_key=True),
+    Column("layer_name", Text, primary_key=True),
+    # The layer's activation after its nonlinearity, on the first validation batch.
+    Column("act_mean", Double),
+    Column("act_std", Double),
+    Column("zero_fraction", Double),  # exact zeros among all values
+    Column("dead_fraction", Double),  # units (channels / features) zero for the whole batch
+    Column("has_nonlinearity", Boolean, nullable=False),
+    # The weight's gradient and the update of the last optimizer step before the log.
+    Column("grad_norm", Double),
+    Column("update_ratio", Double),  # mean |dw| / mean |w|: right for Adam as for SGD
+    Column("weight_norm", Double),
+)
+
+layer_histograms = Table(
+    "layer_histograms",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("step", Integer, primary_key=True),
+    Column("layer_name", Text, primary_key=True),
+    Column("kind", Text, primary_key=True),
+    Column("bin_edges", FloatList, nullable=False),
+    Column("counts", IntList, nullable=False),
+    CheckConstraint("kind IN ('weight', 'update')", name="layer_histograms_kind_check"),
+)
+
+model_layers = Table(
+    "model_layers",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),  # forward order
+    Column("layer_name", Text, nullable=False),
+    Column("layer_type", Text, nullable=False),  # the module's class, e.g. Conv2d
+    Column("output_shape", Text, nullable=False),  # e.g. "64x32x14x14" for a batch of 64
+    Column("parameters", Integer, nullable=False),
+    Column("trainable", Integer, nullable=False),  # trainable parameters
+    Column("monitored", Boolean, nullable=False),  # a conv/fc layer with telemetry
+)
+
+system_metrics = Table(
+    "system_metrics",
+    metadata,
+    Column("sample_id", Integer, primary_key=True),
+    _run_fk(),
+    _timestamp("dt"),
+    Column("step", Integer),
+    Column("cpu_percent", Double),  # of one core, as top shows it
+    Column("rss_bytes", Double),
+    Column("gpu_utilization", Double),
+    Column("gpu_memory_bytes", Double),
+    Column("samples_per_second", Double),
+)
+Index("system_metrics_run_id_sample_id", system_metrics.c.run_id, system_metrics.c.sample_id)
+
 events = Table(
     "events",
     metadata,
@@ -213,6 +271,9 @@ events = Table(
     Column("code", Text, nullable=False),
     Column("message", Text, nullable=False),
     Column("version", Integer),  # the parameters version the event is about, if any
+    Column("layer_name", Text),  # the layer a diagnostic is about, if any
+    Column("recommendation", Text),
+    Column("fix", JSONDocument),  # a parameters change that applies the recommendation
     CheckConstraint(_in("level", EVENT_LEVELS), name="events_level_check"),
 )
 Index("events_run_id_event_id", events.c.run_id, events.c.event_id)

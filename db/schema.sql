@@ -113,6 +113,63 @@ CREATE TABLE activations (
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
 );
 
+CREATE TABLE layer_statistics (
+	run_id INTEGER NOT NULL,
+	step INTEGER NOT NULL,
+	layer_name TEXT NOT NULL,
+	act_mean DOUBLE PRECISION,
+	act_std DOUBLE PRECISION,
+	zero_fraction DOUBLE PRECISION,
+	dead_fraction DOUBLE PRECISION,
+	has_nonlinearity BOOLEAN NOT NULL,
+	grad_norm DOUBLE PRECISION,
+	update_ratio DOUBLE PRECISION,
+	weight_norm DOUBLE PRECISION,
+	PRIMARY KEY (run_id, step, layer_name),
+	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
+);
+
+CREATE TABLE layer_histograms (
+	run_id INTEGER NOT NULL,
+	step INTEGER NOT NULL,
+	layer_name TEXT NOT NULL,
+	kind TEXT NOT NULL,
+	bin_edges DOUBLE PRECISION[] NOT NULL,
+	counts INTEGER[] NOT NULL,
+	PRIMARY KEY (run_id, step, layer_name, kind),
+	CONSTRAINT layer_histograms_kind_check CHECK (kind IN ('weight', 'update')),
+	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
+);
+
+CREATE TABLE model_layers (
+	run_id INTEGER NOT NULL,
+	position INTEGER NOT NULL,
+	layer_name TEXT NOT NULL,
+	layer_type TEXT NOT NULL,
+	output_shape TEXT NOT NULL,
+	parameters INTEGER NOT NULL,
+	trainable INTEGER NOT NULL,
+	monitored BOOLEAN NOT NULL,
+	PRIMARY KEY (run_id, position),
+	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
+);
+
+CREATE TABLE system_metrics (
+	sample_id SERIAL NOT NULL,
+	run_id INTEGER NOT NULL,
+	dt TIMESTAMP WITH TIME ZONE DEFAULT clock_timestamp() NOT NULL,
+	step INTEGER,
+	cpu_percent DOUBLE PRECISION,
+	rss_bytes DOUBLE PRECISION,
+	gpu_utilization DOUBLE PRECISION,
+	gpu_memory_bytes DOUBLE PRECISION,
+	samples_per_second DOUBLE PRECISION,
+	PRIMARY KEY (sample_id),
+	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
+);
+
+CREATE INDEX system_metrics_run_id_sample_id ON system_metrics (run_id, sample_id);
+
 CREATE TABLE events (
 	event_id SERIAL NOT NULL,
 	run_id INTEGER NOT NULL,
@@ -122,6 +179,9 @@ CREATE TABLE events (
 	code TEXT NOT NULL,
 	message TEXT NOT NULL,
 	version INTEGER,
+	layer_name TEXT,
+	recommendation TEXT,
+	fix JSONB,
 	PRIMARY KEY (event_id),
 	CONSTRAINT events_level_check CHECK (level IN ('info', 'warning', 'error')),
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE

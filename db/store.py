@@ -96,6 +96,10 @@ class Batch:
 
     statistics: list[dict[str, Any]] = field(default_factory=list)
     activations: list[dict[str, Any]] = field(default_factory=list)
+    layer_statistics: list[dict[str, Any]] = field(default_factory=list)
+    layer_histograms: list[dict[str, Any]] = field(default_factory=list)
+    model_layers: list[dict[str, Any]] = field(default_factory=list)
+    system_metrics: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     acknowledgements: list[dict[str, Any]] = field(default_factory=list)
     heartbeat: datetime | None = None
@@ -103,14 +107,23 @@ class Batch:
     ended: datetime | None = None
 
     def __len__(self) -> int:
+        rows = sum(len(getattr(self, name)) for name in ROW_TABLES)
         return (
-            len(self.statistics)
-            + len(self.activations)
-            + len(self.events)
+            rows
             + len(self.acknowledgements)
             + (self.heartbeat is not None)
             + (self.status is not None)
         )
+
+
+# Batch fields written as plain inserts, in an order that respects foreign keys.
+ROW_TABLES = {
+    t.name: t
+    for t in (
+        s.statistics, s.activations, s.layer_statistics, s.layer_histograms,
+        s.model_layers, s.system_metrics, s.events,
+    )
+}
 
 
 class Store:
@@ -305,18 +318,14 @@ class Store:
     # -- the background writer's one transaction ----------------------------
 
     def write_batch(self, run_id: int, batch: Batch) -> None:
-        """Write everything collected in one transaction, one statement per table."""
+        """Write everything collected in one transaction, one statement per table.
+
+        Each insert is an executemany that SQLAlchemy sends as multi-row INSERTs.
+        """
         with self.engine.begin() as conn:
-            if batch.statistics:
-                conn.execute(
-                    insert(s.statistics), [{"run_id": run_id, **r} for r in batch.statistics]
-                )
-            if batch.activations:
-                conn.execute(
-                    insert(s.activations), [{"run_id": run_id, **r} for r in batch.activations]
-                )
-            if batch.events:
-                conn.execute(insert(s.events), [{"run_id": run_id, **r} for r in batch.events])
+            for name, table in ROW_TABLES.items():
+                if rows := getattr(batch, name):
+                    conn.execute(insert(table), [{"run_id": run_id, **r} for r in rows])
             if batch.acknowledgements:
                 conn.execute(
                     insert(s.parameter_changes),

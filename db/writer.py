@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import DataError, IntegrityError
 
-from db.store import Batch, Store, now
+from db.store import ROW_TABLES, Batch, Store, now
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,13 @@ class BackgroundWriter:
     # -- called from the training thread: enqueue only -----------------------
 
     def statistics(self, row: dict[str, Any]) -> None:
-        self._queue.put(("statistics", row))
+        self._queue.put(("statistics", [row]))
 
-    def activations(self, rows: list[dict[str, Any]]) -> None:
-        self._queue.put(("activations", rows))
+    def rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Rows for one of the plain-insert tables (db.store.ROW_TABLES)."""
+        if table not in ROW_TABLES:
+            raise ValueError(f"not a row table: {table}")
+        self._queue.put((table, rows))
 
     def event(
         self,
@@ -58,10 +61,12 @@ class BackgroundWriter:
         message: str,
         step: int | None = None,
         version: int | None = None,
+        **details: Any,
     ) -> None:
+        """details: layer_name, recommendation, fix (see the events table)."""
         row = {"level": level, "code": code, "message": message, "step": step, "dt": now(),
-               "version": version}
-        self._queue.put(("event", row))
+               "version": version, **details}
+        self._queue.put(("events", [row]))
 
     def acknowledge(self, change: dict[str, Any]) -> None:
         """A parameters version was adopted: history row plus applied_* on the parameters row."""
@@ -81,12 +86,8 @@ class BackgroundWriter:
 
     def _take(self, kind: str, item: Any) -> None:
         batch = self._pending
-        if kind == "statistics":
-            batch.statistics.append(item)
-        elif kind == "activations":
-            batch.activations.extend(item)
-        elif kind == "event":
-            batch.events.append(item)
+        if kind in ROW_TABLES:
+            getattr(batch, kind).extend(item)
         elif kind == "ack":
             batch.acknowledgements.append(item)
         elif kind == "status":
@@ -146,13 +147,9 @@ class BackgroundWriter:
 
     def _write_one_by_one(self, batch: Batch) -> None:
         """Isolate the rows the database refuses so that one cannot block the rest."""
-        singles = (
-            [Batch(statistics=[r]) for r in batch.statistics]
-            + [Batch(activations=[r]) for r in batch.activations]
-            + [Batch(events=[r]) for r in batch.events]
-            + [Batch(acknowledgements=[r]) for r in batch.acknowledgements]
-            + [Batch(heartbeat=batch.heartbeat, status=batch.status, ended=batch.ended)]
-        )
+        singles = [Batch(**{name: [r]}) for name in ROW_TABLES for r in getattr(batch, name)]
+        singles += [Batch(acknowledgements=[r]) for r in batch.acknowledgements]
+        singles.append(Batch(heartbeat=batch.heartbeat, status=batch.status, ended=batch.ended))
         for single in singles:
             if not len(single):
                 continue

@@ -191,9 +191,17 @@ def test_max_steps_finishes(tmp_path: Path, sqlite_url: str) -> None:
     sql = SqlClient(sqlite_url)
     assert sql.one("SELECT status FROM runs")[0] == "finished"
     steps = [s for s, _ in statistics(sql, 1)]
-    assert steps == [5, 10, 12]  # every --log-every, plus the last step
+    assert steps == [0, 5, 10, 12]  # the untrained model, every --log-every, the last step
     layers = sql.rows("SELECT DISTINCT layer_name FROM activations WHERE step = 12")
     assert len(layers) >= 3
+    telemetry = sql.rows(
+        "SELECT layer_name, grad_norm, update_ratio FROM layer_statistics WHERE step = 10"
+    )
+    assert len(telemetry) == len(layers)
+    assert all(g > 0 and 0 < r < 1 for _, g, r in telemetry)
+    kinds = sql.rows("SELECT DISTINCT kind FROM layer_histograms WHERE step = 10 ORDER BY kind")
+    assert kinds == [("update",), ("weight",)]
+    assert sql.one("SELECT count(*) FROM model_layers WHERE monitored")[0] == len(layers)
     sql.close()
 
 

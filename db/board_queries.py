@@ -1,0 +1,154 @@
+"""The board's reads that Store lacks: narrow, bounded, and served by primary keys or indexes.
+
+Every refresh of the board asks only for rows newer than what the page holds
+(`step > :after`, `version > :after`, `event_id > :after`), so a refresh costs
+the same on a 50,000-step run as on a fresh one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from db import schema as s
+
+RUN_LIST_LIMIT = 200
+CURVE_ROWS_LIMIT = 1_000_000  # the first load of a run; later refreshes catch up in REFRESH_ROWS
+REFRESH_ROWS = 5_000  # rows one refresh may append; a page that fell behind catches up next time
+HISTORY_LIMIT = 200  # parameter changes and events shown per run
+
+CURVE_COLUMNS = ("train_loss", "validate_loss", "train_accuracy", "validate_accuracy")
+
+
+def _rows(engine: Engine, query: Any) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+class BoardQueries:
+    """Read-only queries for the board; writes go through Store."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def runs(self, limit: int = RUN_LIST_LIMIT) -> list[dict[str, Any]]:
+        """Newest first, without the config document (the selector does not need it)."""
+        r = s.runs
+        query = (
+            select(r.c.run_id, r.c.name, r.c.model_name, r.c.dataset, r.c.status,
+                   r.c.dt_started, r.c.dt_heartbeat, r.c.dt_ended)
+            .order_by(r.c.run_id.desc())
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def run(self, run_id: int) -> dict[str, Any] | None:
+        rows = _rows(self.engine, select(s.runs).where(s.runs.c.run_id == run_id))
+        return rows[0] if rows else None
+
+    def latest_statistics(self, run_id: int, count: int = 2) -> list[dict[str, Any]]:
+        """The newest `count` logged steps, newest first (for epoch, step and steps/s)."""
+        t = s.statistics
+        query = (
+            select(t.c.step, t.c.epoch, t.c.dt, t.c.learning_rate, t.c.samples_per_second)
+            .where(t.c.run_id == run_id)
+            .order_by(t.c.step.desc())
+            .limit(count)
+        )
+        return _rows(self.engine, query)
+
+    def curve_points(
+        self, run_id: int, after_step: int = -1, limit: int = REFRESH_ROWS
+    ) -> list[tuple[Any, ...]]:
+        """(step, train_loss, validate_loss, train_accuracy, validate_accuracy), oldest first."""
+        t = s.statistics
+        query = (
+            select(t.c.step, *(t.c[name] for name in CURVE_COLUMNS))
+            .where(t.c.run_id == run_id, t.c.step > after_step)
+            .order_by(t.c.step)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(query)]
+
+    def parameter_changes(
+        self, run_id: int, after_version: int = 0, limit: int = HISTORY_LIMIT
+    ) -> list[dict[str, Any]]:
+        """Adopted versions after `after_version`, newest first (the newest `limit` of them)."""
+        t = s.parameter_changes
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.version > after_version)
+            .order_by(t.c.version.desc())
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def parameter_change_before(self, run_id: int, version: int) -> dict[str, Any] | None:
+        """The adopted version just before `version`, to tell what a change changed."""
+        t = s.parameter_changes
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.version < version)
+            .order_by(t.c.version.desc())
+            .limit(1)
+        )
+        rows = _rows(self.engine, query)
+        return rows[0] if rows else None
+
+    def first_adoption_from(self, run_id: int, version: int) -> dict[str, Any] | None:
+        """The adopted version that fulfilled `version`: itself, or the first newer one
+        if the trainer skipped straight past it."""
+        t = s.parameter_changes
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.version >= version)
+            .order_by(t.c.version)
+            .limit(1)
+        )
+        rows = _rows(self.engine, query)
+        return rows[0] if rows else None
+
+    def rejection(self, run_id: int, version: int) -> dict[str, Any] | None:
+        """The trainer's `parameters_rejected` event for `version`, if any."""
+        t = s.events
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.code == "parameters_rejected",
+                   t.c.version == version)
+            .order_by(t.c.event_id.desc())
+            .limit(1)
+        )
+        rows = _rows(self.engine, query)
+        return rows[0] if rows else None
+
+    def events(
+        self, run_id: int, after_event_id: int = 0, limit: int = HISTORY_LIMIT
+    ) -> list[dict[str, Any]]:
+        """Events after `after_event_id`, newest first (the newest `limit` of them)."""
+        t = s.events
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.event_id > after_event_id)
+            .order_by(t.c.event_id.desc())
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def latest_activation_step(self, run_id: int) -> int | None:
+        t = s.activations
+        query = select(func.max(t.c.step)).where(t.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
+    def activations_at(self, run_id: int, step: int) -> list[dict[str, Any]]:
+        """One histogram per monitored layer at `step`: conv layers before fc layers,
+        then by part and position (the forward order of every model models.py builds)."""
+        t = s.activations
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.step == step)
+            .order_by(t.c.layer_type, t.c.nn_part, t.c.number)
+        )
+        return _rows(self.engine, query)
