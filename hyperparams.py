@@ -15,6 +15,7 @@ OPTIMIZERS: tuple[str, ...] = ("Adam", "AdamW", "SGD", "SGD+Nesterov", "RMSprop"
 LR_MAX = 1.0  # 0 < learning_rate <= LR_MAX
 WEIGHT_DECAY_MAX = 1.0  # 0 <= weight_decay <= WEIGHT_DECAY_MAX
 DROPOUT_MAX = 90  # 0 <= dropout <= DROPOUT_MAX, integer percent
+GRAD_CLIP_MAX = 1000.0  # 0 <= grad_clip <= GRAD_CLIP_MAX; 0 turns clipping off
 
 DEFAULTS: dict[str, Any] = {  # the seed article's suggested start
     "optimizer": "Adam",
@@ -30,12 +31,13 @@ class Hyperparameters:
     learning_rate: float
     weight_decay: float
     dropout: int  # percent
+    grad_clip: float = 0.0  # max gradient L2 norm; 0 = no clipping
 
     def changes_from(self, other: Hyperparameters) -> dict[str, tuple[Any, Any]]:
         """Fields that differ, as {name: (old, new)}."""
         return {
             name: (getattr(other, name), getattr(self, name))
-            for name in ("optimizer", "learning_rate", "weight_decay", "dropout")
+            for name in ("optimizer", "learning_rate", "weight_decay", "dropout", "grad_clip")
             if getattr(other, name) != getattr(self, name)
         }
 
@@ -52,7 +54,7 @@ def _number(value: Any) -> float | None:
 
 
 def validate(
-    optimizer: Any, learning_rate: Any, weight_decay: Any, dropout: Any
+    optimizer: Any, learning_rate: Any, weight_decay: Any, dropout: Any, grad_clip: Any = 0.0
 ) -> tuple[Hyperparameters | None, dict[str, str]]:
     """Check raw values (from a form, a CLI or a database row).
 
@@ -80,6 +82,12 @@ def validate(
     elif not 0 <= dp <= DROPOUT_MAX:
         errors["dropout"] = f"dropout must be between 0 and {DROPOUT_MAX} %"
 
+    clip = _number(grad_clip)
+    if clip is None:
+        errors["grad_clip"] = "gradient clipping must be a finite number (0 = off)"
+    elif not 0 <= clip <= GRAD_CLIP_MAX:
+        errors["grad_clip"] = f"gradient clipping must be between 0 (off) and {GRAD_CLIP_MAX:g}"
+
     if errors:
         return None, errors
-    return Hyperparameters(optimizer, lr, wd, int(dp)), {}
+    return Hyperparameters(optimizer, lr, wd, int(dp), clip), {}

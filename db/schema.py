@@ -24,6 +24,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     Table,
     Text,
     UniqueConstraint,
@@ -37,7 +38,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
-from hyperparams import DROPOUT_MAX, LR_MAX, OPTIMIZERS, WEIGHT_DECAY_MAX
+from hyperparams import DROPOUT_MAX, GRAD_CLIP_MAX, LR_MAX, OPTIMIZERS, WEIGHT_DECAY_MAX
 
 RUN_STATUSES = ("running", "paused", "stopped", "finished", "failed")
 EVENT_LEVELS = ("info", "warning", "error")
@@ -126,6 +127,7 @@ _PARAMETER_CHECKS = (
         f"weight_decay >= 0 AND weight_decay <= {WEIGHT_DECAY_MAX!r}", name="weight_decay_range"
     ),
     CheckConstraint(f"dropout >= 0 AND dropout <= {DROPOUT_MAX}", name="dropout_range"),
+    CheckConstraint(f"grad_clip >= 0 AND grad_clip <= {GRAD_CLIP_MAX!r}", name="grad_clip_range"),
     CheckConstraint(_in("optimizer", OPTIMIZERS), name="optimizer_supported"),
 )
 
@@ -143,6 +145,12 @@ parameters = Table(
     Column("weight_decay", Double, nullable=False),
     Column("dropout", Integer, nullable=False),
     Column("stop_train", Boolean, nullable=False, server_default=false()),
+    Column("pause_train", Boolean, nullable=False, server_default=false()),
+    Column("grad_clip", Double, nullable=False, server_default=text("0")),
+    # Roll back: set rollback_step and rollback_request = rollback_request + 1; the
+    # trainer restores its newest checkpoint at or before rollback_step, once per request.
+    Column("rollback_step", Integer),
+    Column("rollback_request", Integer, nullable=False, server_default=text("0")),
     Column("version", Integer, nullable=False, server_default=text("1")),
     _timestamp("dt_updated"),
     Column("applied_version", Integer, nullable=False, server_default=text("0")),
@@ -162,6 +170,9 @@ parameter_changes = Table(
     Column("weight_decay", Double, nullable=False),
     Column("dropout", Integer, nullable=False),
     Column("stop_train", Boolean, nullable=False),
+    Column("pause_train", Boolean, nullable=False, server_default=false()),
+    Column("grad_clip", Double, nullable=False, server_default=text("0")),
+    Column("rollback_step", Integer),  # the step restored by this version, if any
     Column("dt_updated", UTCDateTime(), nullable=False),
     Column("applied_step", Integer, nullable=False),
     Column("dt_applied", UTCDateTime(), nullable=False),
@@ -200,6 +211,31 @@ activations = Table(
     Column("mean", Double),
     Column("std", Double),
     CheckConstraint("layer_type IN ('conv', 'fc')", name="activations_layer_type_check"),
+)
+
+# Rows a rollback cut from the run's live path, kept so the board can show the
+# abandoned branch apart from the path training continued on.
+abandoned_statistics = Table(
+    "abandoned_statistics",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("branch", Integer, nullable=False),  # 1 for the run's first rollback, 2, ...
+    Column("rolled_back_to", Integer, nullable=False),
+    *(Column(c.name, c.type, nullable=c.nullable)
+      for c in statistics.columns if c.name != "run_id"),
+    PrimaryKeyConstraint("run_id", "branch", "step"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("step", Integer, primary_key=True),
+    Column("epoch", Integer, nullable=False),
+    Column("reason", Text, nullable=False),  # periodic, before_change, final
+    Column("path", Text, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    _timestamp("dt"),
 )
 
 layer_statistics = Table(
@@ -292,7 +328,10 @@ BEGIN
     OR NEW.learning_rate IS DISTINCT FROM OLD.learning_rate
     OR NEW.weight_decay IS DISTINCT FROM OLD.weight_decay
     OR NEW.dropout IS DISTINCT FROM OLD.dropout
-    OR NEW.stop_train IS DISTINCT FROM OLD.stop_train) THEN
+    OR NEW.stop_train IS DISTINCT FROM OLD.stop_train
+    OR NEW.pause_train IS DISTINCT FROM OLD.pause_train
+    OR NEW.grad_clip IS DISTINCT FROM OLD.grad_clip
+    OR NEW.rollback_request IS DISTINCT FROM OLD.rollback_request) THEN
     NEW.version := OLD.version + 1;
   END IF;
   IF NEW.version <> OLD.version THEN
@@ -325,7 +364,10 @@ FOR EACH ROW WHEN NEW.version = OLD.version AND (
   OR NEW.learning_rate IS NOT OLD.learning_rate
   OR NEW.weight_decay IS NOT OLD.weight_decay
   OR NEW.dropout IS NOT OLD.dropout
-  OR NEW.stop_train IS NOT OLD.stop_train)
+  OR NEW.stop_train IS NOT OLD.stop_train
+  OR NEW.pause_train IS NOT OLD.pause_train
+  OR NEW.grad_clip IS NOT OLD.grad_clip
+  OR NEW.rollback_request IS NOT OLD.rollback_request)
 BEGIN
   UPDATE parameters SET version = OLD.version + 1 WHERE run_id = NEW.run_id;
 END"""

@@ -23,6 +23,10 @@ CREATE TABLE parameters (
 	weight_decay DOUBLE PRECISION NOT NULL,
 	dropout INTEGER NOT NULL,
 	stop_train BOOLEAN DEFAULT false NOT NULL,
+	pause_train BOOLEAN DEFAULT false NOT NULL,
+	grad_clip DOUBLE PRECISION DEFAULT 0 NOT NULL,
+	rollback_step INTEGER,
+	rollback_request INTEGER DEFAULT 0 NOT NULL,
 	version INTEGER DEFAULT 1 NOT NULL,
 	dt_updated TIMESTAMP WITH TIME ZONE DEFAULT clock_timestamp() NOT NULL,
 	applied_version INTEGER DEFAULT 0 NOT NULL,
@@ -32,6 +36,7 @@ CREATE TABLE parameters (
 	CONSTRAINT parameters_learning_rate_range CHECK (learning_rate > 0 AND learning_rate <= 1.0),
 	CONSTRAINT parameters_weight_decay_range CHECK (weight_decay >= 0 AND weight_decay <= 1.0),
 	CONSTRAINT parameters_dropout_range CHECK (dropout >= 0 AND dropout <= 90),
+	CONSTRAINT parameters_grad_clip_range CHECK (grad_clip >= 0 AND grad_clip <= 1000.0),
 	CONSTRAINT parameters_optimizer_supported CHECK (optimizer IN ('Adam', 'AdamW', 'SGD', 'SGD+Nesterov', 'RMSprop')),
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
 );
@@ -43,7 +48,10 @@ BEGIN
     OR NEW.learning_rate IS DISTINCT FROM OLD.learning_rate
     OR NEW.weight_decay IS DISTINCT FROM OLD.weight_decay
     OR NEW.dropout IS DISTINCT FROM OLD.dropout
-    OR NEW.stop_train IS DISTINCT FROM OLD.stop_train) THEN
+    OR NEW.stop_train IS DISTINCT FROM OLD.stop_train
+    OR NEW.pause_train IS DISTINCT FROM OLD.pause_train
+    OR NEW.grad_clip IS DISTINCT FROM OLD.grad_clip
+    OR NEW.rollback_request IS DISTINCT FROM OLD.rollback_request) THEN
     NEW.version := OLD.version + 1;
   END IF;
   IF NEW.version <> OLD.version THEN
@@ -71,6 +79,9 @@ CREATE TABLE parameter_changes (
 	weight_decay DOUBLE PRECISION NOT NULL,
 	dropout INTEGER NOT NULL,
 	stop_train BOOLEAN NOT NULL,
+	pause_train BOOLEAN DEFAULT false NOT NULL,
+	grad_clip DOUBLE PRECISION DEFAULT 0 NOT NULL,
+	rollback_step INTEGER,
 	dt_updated TIMESTAMP WITH TIME ZONE NOT NULL,
 	applied_step INTEGER NOT NULL,
 	dt_applied TIMESTAMP WITH TIME ZONE NOT NULL,
@@ -110,6 +121,38 @@ CREATE TABLE activations (
 	std DOUBLE PRECISION,
 	PRIMARY KEY (run_id, step, layer_name),
 	CONSTRAINT activations_layer_type_check CHECK (layer_type IN ('conv', 'fc')),
+	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
+);
+
+CREATE TABLE abandoned_statistics (
+	run_id INTEGER NOT NULL,
+	branch INTEGER NOT NULL,
+	rolled_back_to INTEGER NOT NULL,
+	step INTEGER NOT NULL,
+	epoch INTEGER NOT NULL,
+	dt TIMESTAMP WITH TIME ZONE NOT NULL,
+	optimizer TEXT NOT NULL,
+	learning_rate DOUBLE PRECISION NOT NULL,
+	weight_decay DOUBLE PRECISION NOT NULL,
+	dropout INTEGER NOT NULL,
+	train_loss DOUBLE PRECISION,
+	train_accuracy DOUBLE PRECISION,
+	validate_loss DOUBLE PRECISION,
+	validate_accuracy DOUBLE PRECISION,
+	samples_per_second DOUBLE PRECISION,
+	PRIMARY KEY (run_id, branch, step),
+	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
+);
+
+CREATE TABLE checkpoints (
+	run_id INTEGER NOT NULL,
+	step INTEGER NOT NULL,
+	epoch INTEGER NOT NULL,
+	reason TEXT NOT NULL,
+	path TEXT NOT NULL,
+	bytes INTEGER NOT NULL,
+	dt TIMESTAMP WITH TIME ZONE DEFAULT clock_timestamp() NOT NULL,
+	PRIMARY KEY (run_id, step),
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
 );
 

@@ -10,11 +10,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     create_engine,
+    delete,
     event,
     func,
     insert,
+    literal,
     make_url,
     select,
     update,
@@ -25,6 +28,7 @@ from db import schema as s
 from hyperparams import Hyperparameters, validate
 
 DEFAULT_SQLITE_FILE = "training.db"
+HYPERPARAMETER_FIELDS = ("optimizer", "learning_rate", "weight_decay", "dropout", "grad_clip")
 
 
 def resolve_url(cli_value: str | None = None) -> str:
@@ -80,6 +84,10 @@ class ParameterState:
     weight_decay: float
     dropout: int
     stop_train: bool
+    pause_train: bool
+    grad_clip: float
+    rollback_step: int | None
+    rollback_request: int
     version: int
     dt_updated: datetime
     applied_version: int
@@ -87,7 +95,9 @@ class ParameterState:
     dt_applied: datetime
 
     def hyperparameters(self) -> tuple[Hyperparameters | None, dict[str, str]]:
-        return validate(self.optimizer, self.learning_rate, self.weight_decay, self.dropout)
+        return validate(
+            self.optimizer, self.learning_rate, self.weight_decay, self.dropout, self.grad_clip
+        )
 
 
 @dataclass
@@ -100,8 +110,13 @@ class Batch:
     layer_histograms: list[dict[str, Any]] = field(default_factory=list)
     model_layers: list[dict[str, Any]] = field(default_factory=list)
     system_metrics: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     acknowledgements: list[dict[str, Any]] = field(default_factory=list)
+    removed_checkpoints: list[int] = field(default_factory=list)  # their steps
+    # Written before anything else in the batch: a rollback to this step moves the
+    # live path's later statistics to abandoned_statistics and drops later telemetry.
+    abandon_after: int | None = None
     heartbeat: datetime | None = None
     status: str | None = None
     ended: datetime | None = None
@@ -111,6 +126,8 @@ class Batch:
         return (
             rows
             + len(self.acknowledgements)
+            + len(self.removed_checkpoints)
+            + (self.abandon_after is not None)
             + (self.heartbeat is not None)
             + (self.status is not None)
         )
@@ -121,7 +138,7 @@ ROW_TABLES = {
     t.name: t
     for t in (
         s.statistics, s.activations, s.layer_statistics, s.layer_histograms,
-        s.model_layers, s.system_metrics, s.events,
+        s.model_layers, s.system_metrics, s.checkpoints, s.events,
     )
 }
 
@@ -173,6 +190,7 @@ class Store:
                 "learning_rate": initial.learning_rate,
                 "weight_decay": initial.weight_decay,
                 "dropout": initial.dropout,
+                "grad_clip": initial.grad_clip,
                 "stop_train": False,
             }
             conn.execute(
@@ -233,49 +251,48 @@ class Store:
         learning_rate: float | None = None,
         weight_decay: float | None = None,
         dropout: int | None = None,
+        grad_clip: float | None = None,
         stop_train: bool | None = None,
+        pause_train: bool | None = None,
+        rollback_step: int | None = None,
     ) -> int:
         """Write a new desired state (version + 1) and return its version.
 
         Only the given fields change. Invalid values raise ValueError before
-        anything is written.
+        anything is written. A rollback_step is a one-shot request (see schema).
         """
-        changes = {
-            k: v
-            for k, v in {
-                "optimizer": optimizer,
-                "learning_rate": learning_rate,
-                "weight_decay": weight_decay,
-                "dropout": dropout,
-                "stop_train": stop_train,
-            }.items()
-            if v is not None
+        given = {
+            "optimizer": optimizer,
+            "learning_rate": learning_rate,
+            "weight_decay": weight_decay,
+            "dropout": dropout,
+            "grad_clip": grad_clip,
         }
+        given = {k: v for k, v in given.items() if v is not None}
         current = self.get_parameters(run_id)
         if current is None:
             raise KeyError(f"run {run_id} has no parameters row")
-        merged = {
-            "optimizer": current.optimizer,
-            "learning_rate": current.learning_rate,
-            "weight_decay": current.weight_decay,
-            "dropout": current.dropout,
-        } | {k: v for k, v in changes.items() if k != "stop_train"}
+        merged = {k: getattr(current, k) for k in HYPERPARAMETER_FIELDS} | given
         parsed, errors = validate(**merged)
         if errors:
             raise ValueError("; ".join(errors.values()))
-        values: dict[str, Any] = {
-            k: getattr(parsed, k) for k in changes if k != "stop_train"
-        }
+        if rollback_step is not None and rollback_step < 0:
+            raise ValueError("rollback step must be 0 or more")
+        p = s.parameters
+        values: dict[str, Any] = {k: getattr(parsed, k) for k in given}
         if stop_train is not None:
             values["stop_train"] = bool(stop_train)
+        if pause_train is not None:
+            values["pause_train"] = bool(pause_train)
+        if rollback_step is not None:
+            values["rollback_step"] = rollback_step
+            values["rollback_request"] = p.c.rollback_request + 1
         with self.engine.begin() as conn:
             return conn.execute(
-                update(s.parameters)
-                .where(s.parameters.c.run_id == run_id)
-                .values(
-                    version=s.parameters.c.version + 1, dt_updated=s.UtcNow(), **values
-                )
-                .returning(s.parameters.c.version)
+                update(p)
+                .where(p.c.run_id == run_id)
+                .values(version=p.c.version + 1, dt_updated=s.UtcNow(), **values)
+                .returning(p.c.version)
             ).scalar_one()
 
     def request_stop(self, run_id: int) -> int:
@@ -323,6 +340,13 @@ class Store:
         Each insert is an executemany that SQLAlchemy sends as multi-row INSERTs.
         """
         with self.engine.begin() as conn:
+            if batch.abandon_after is not None:
+                self._abandon_after(conn, run_id, batch.abandon_after)
+            if batch.removed_checkpoints:
+                c = s.checkpoints
+                conn.execute(
+                    delete(c).where(c.c.run_id == run_id, c.c.step.in_(batch.removed_checkpoints))
+                )
             for name, table in ROW_TABLES.items():
                 if rows := getattr(batch, name):
                     conn.execute(insert(table), [{"run_id": run_id, **r} for r in rows])
@@ -351,6 +375,24 @@ class Store:
                 run_values["dt_ended"] = batch.ended
             if run_values:
                 conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
+
+    @staticmethod
+    def _abandon_after(conn: Connection, run_id: int, step: int) -> None:
+        st, ab = s.statistics, s.abandoned_statistics
+        branch = conn.execute(
+            select(func.coalesce(func.max(ab.c.branch), 0) + 1).where(ab.c.run_id == run_id)
+        ).scalar_one()
+        later = st.c.run_id == run_id, st.c.step > step
+        columns = [c.name for c in st.columns]
+        conn.execute(
+            insert(ab).from_select(
+                [*columns, "branch", "rolled_back_to"],
+                select(*st.columns, literal(branch), literal(step)).where(*later),
+            )
+        )
+        conn.execute(delete(st).where(*later))
+        for table in (s.activations, s.layer_statistics, s.layer_histograms):
+            conn.execute(delete(table).where(table.c.run_id == run_id, table.c.step > step))
 
     def add_event(
         self,

@@ -37,6 +37,7 @@ class BackgroundWriter:
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._closing = threading.Event()
         self._pending = Batch()
+        self._held: tuple[str, Any] | None = None
         self.rows_written = 0
         self.rows_dropped = 0
         self.failures = 0
@@ -72,6 +73,14 @@ class BackgroundWriter:
         """A parameters version was adopted: history row plus applied_* on the parameters row."""
         self._queue.put(("ack", change))
 
+    def checkpoint_removed(self, step: int) -> None:
+        self._queue.put(("removed_checkpoint", step))
+
+    def rollback(self, step: int) -> None:
+        """The run went back to `step`: rows queued before this call belong to the
+        abandoned branch, rows queued after it to the live path."""
+        self._queue.put(("abandon", step))
+
     def status(self, status: str, ended: bool = False) -> None:
         self._queue.put(("status", (status, now() if ended else None)))
 
@@ -84,21 +93,31 @@ class BackgroundWriter:
 
     # -- the writer thread ----------------------------------------------------
 
-    def _take(self, kind: str, item: Any) -> None:
+    def _take(self, kind: str, item: Any) -> bool:
+        """Add an item to the pending batch; False if the batch must be flushed first."""
         batch = self._pending
-        if kind in ROW_TABLES:
+        if kind == "abandon":
+            if len(batch):
+                return False
+            batch.abandon_after = item
+        elif kind == "removed_checkpoint":
+            batch.removed_checkpoints.append(item)
+        elif kind in ROW_TABLES:
             getattr(batch, kind).extend(item)
         elif kind == "ack":
             batch.acknowledgements.append(item)
         elif kind == "status":
             batch.status, ended = item
             batch.ended = ended or batch.ended
+        return True
 
     def _drain(self, block_seconds: float) -> None:
         try:
-            self._take(*self._queue.get(timeout=block_seconds))
-            while True:
-                self._take(*self._queue.get_nowait())
+            item = self._held or self._queue.get(timeout=block_seconds)
+            self._held = None
+            while self._take(*item):
+                item = self._queue.get_nowait()
+            self._held = item  # a rollback waits for the rows before it to be written
         except queue.Empty:
             pass
 
@@ -110,7 +129,10 @@ class BackgroundWriter:
         while True:
             if self._closing.is_set() and deadline is None:
                 deadline = time.monotonic() + self.close_seconds
-            wait = 0.0 if deadline else max(retry_at - time.monotonic(), self.heartbeat_seconds / 2)
+            wait = (
+                0.0 if deadline or self._held
+                else max(retry_at - time.monotonic(), self.heartbeat_seconds / 2)
+            )
             self._drain(wait)
             clock = time.monotonic()
             if clock >= next_beat:
@@ -124,7 +146,7 @@ class BackgroundWriter:
                     backoff = min(max(backoff * 2, 0.1), 5.0)
                     retry_at = clock + backoff
             if deadline is not None:
-                if not len(self._pending) and self._queue.empty():
+                if not len(self._pending) and self._held is None and self._queue.empty():
                     return
                 if time.monotonic() > deadline:
                     return
@@ -147,7 +169,9 @@ class BackgroundWriter:
 
     def _write_one_by_one(self, batch: Batch) -> None:
         """Isolate the rows the database refuses so that one cannot block the rest."""
-        singles = [Batch(**{name: [r]}) for name in ROW_TABLES for r in getattr(batch, name)]
+        singles = [Batch(abandon_after=batch.abandon_after)]
+        singles += [Batch(**{name: [r]}) for name in ROW_TABLES for r in getattr(batch, name)]
+        singles += [Batch(removed_checkpoints=[s]) for s in batch.removed_checkpoints]
         singles += [Batch(acknowledgements=[r]) for r in batch.acknowledgements]
         singles.append(Batch(heartbeat=batch.heartbeat, status=batch.status, ended=batch.ended))
         for single in singles:

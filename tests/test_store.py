@@ -274,3 +274,55 @@ def test_a_row_the_database_refuses_does_not_block_the_others(store: Store) -> N
     assert [r["step"] for r in store.statistics(run_id)] == [1, 2, 3]
     assert store.events(run_id)[0]["code"] == "after"
     assert writer.rows_dropped == 1
+
+
+def test_rollback_moves_the_abandoned_branch_aside_in_queue_order(store: Store) -> None:
+    run_id = new_run(store)
+    writer = BackgroundWriter(store, run_id)
+
+    def log(step: int, loss: float) -> None:
+        writer.statistics({"step": step, "epoch": 1, "dt": now(), "optimizer": "Adam",
+                           "learning_rate": 3e-4, "weight_decay": 0.0, "dropout": 50,
+                           "train_loss": loss})
+        writer.rows("layer_statistics", [{"step": step, "layer_name": "fc",
+                                          "has_nonlinearity": False, "grad_norm": loss}])
+
+    for step in range(1, 11):
+        log(step, 1.0)
+    writer.rollback(5)  # queued right behind steps 6..10: they must land first, then move
+    for step in range(6, 9):
+        log(step, 2.0)
+    writer.rollback(7)
+    log(8, 3.0)
+    assert writer.close()
+
+    live = store.statistics(run_id)
+    assert [(r["step"], r["train_loss"]) for r in live] == [
+        *((s, 1.0) for s in range(1, 6)), (6, 2.0), (7, 2.0), (8, 3.0)
+    ]
+    with store.engine.connect() as conn:
+        abandoned = conn.execute(text(
+            "SELECT branch, rolled_back_to, step, train_loss FROM abandoned_statistics "
+            "WHERE run_id = :r ORDER BY branch, step"), {"r": run_id}).all()
+        layers = conn.execute(text(
+            "SELECT step, grad_norm FROM layer_statistics WHERE run_id = :r ORDER BY step"),
+            {"r": run_id}).all()
+    assert [tuple(r) for r in abandoned] == [
+        *((1, 5, s, 1.0) for s in range(6, 11)), (2, 7, 8, 2.0)
+    ]
+    assert [tuple(r) for r in layers][-3:] == [(6, 2.0), (7, 2.0), (8, 3.0)]
+
+
+def test_pause_grad_clip_and_rollback_requests(store: Store) -> None:
+    run_id = new_run(store)
+    store.submit_parameters(run_id, pause_train=True, grad_clip=1.5)
+    p = store.get_parameters(run_id)
+    assert (p.pause_train, p.grad_clip, p.rollback_request, p.version) == (True, 1.5, 0, 2)
+    store.submit_parameters(run_id, rollback_step=100)
+    store.submit_parameters(run_id, rollback_step=100)  # the same step twice: two requests
+    p = store.get_parameters(run_id)
+    assert (p.rollback_step, p.rollback_request, p.version) == (100, 2, 4)
+    with pytest.raises(ValueError):
+        store.submit_parameters(run_id, grad_clip=-1)
+    raw_update(store, "UPDATE parameters SET pause_train = FALSE WHERE run_id = :r", r=run_id)
+    assert store.get_parameters(run_id).version == 5  # versioned by the trigger
