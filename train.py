@@ -25,12 +25,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from checkpointing import CheckpointRing
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
 from db.store import ParameterState, Store, describe_url, now, resolve_url
 from db.writer import BackgroundWriter
 from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
-from models import MODEL_NAMES, ModelUnavailable, build_model
+from models import MODEL_NAMES, ModelUnavailable, build_model, set_dropout
 from steering import apply_parameters, build_optimizer, learning_rate_in_force, trainable
 from telemetry import (
     IntervalMetrics,
@@ -70,20 +71,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-name", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--grad-clip", type=float, default=0.0,
+                   help="clip the gradient L2 norm to this (0 = off); steerable live")
     p.add_argument("--checkpoint-dir", default="checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="also checkpointed just before adopting new parameters")
+    p.add_argument("--checkpoint-keep", type=int, default=5, help="recent checkpoints kept")
     p.add_argument("--db", default=None, help="SQLAlchemy URL (default: $DATABASE_URL, "
                    "else sqlite:///training.db)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (for logs)")
     args = p.parse_args(argv)
 
-    for name in ("epochs", "batch_size", "log_every", "val_batches"):
+    for name in ("epochs", "batch_size", "log_every", "val_batches", "checkpoint_every",
+                 "checkpoint_keep"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be at least 1")
     if args.workers < 0:
         p.error("--workers must be 0 or more")
-    _, errors = validate(args.optimizer, args.lr, args.weight_decay, args.dropout)
+    _, errors = validate(args.optimizer, args.lr, args.weight_decay, args.dropout, args.grad_clip)
     if errors:
         p.error("; ".join(errors.values()))
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -113,26 +120,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-    step: int, epoch: int, params: Hyperparameters, run_id: int,
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "run_id": run_id,
-            "step": step,
-            "epoch": epoch,
-            "parameters": vars(params),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-        },
-        tmp,
-    )
-    tmp.replace(path)
-
-
 def describe(p: Hyperparameters) -> str:
     return f"{p.optimizer}, lr {p.learning_rate:g}, weight decay {p.weight_decay:g}, " \
         f"dropout {p.dropout} %"
@@ -147,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    params = Hyperparameters(args.optimizer, args.lr, args.weight_decay, args.dropout)
+    params = Hyperparameters(
+        args.optimizer, args.lr, args.weight_decay, args.dropout, args.grad_clip
+    )
 
     try:
         train_set, val_set, info = load_datasets(args.dataset, args.data_dir, seed=args.seed)
@@ -189,15 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     writer = BackgroundWriter(store, run_id)
     listener = ParameterListener(store, run_id, seen_version=1)
     sampler = SystemSampler(writer, progress, device)
+    ring = CheckpointRing(
+        Path(args.checkpoint_dir) / f"run_{run_id}", keep=args.checkpoint_keep,
+        on_saved=lambda c, size: writer.rows("checkpoints", [{
+            "step": c.step, "epoch": c.epoch, "reason": c.reason, "path": str(c.path),
+            "bytes": size, "dt": now()}]),
+        on_removed=lambda c: writer.checkpoint_removed(c.step),
+    )
     stop = StopSignal()
-    checkpoint = Path(args.checkpoint_dir) / f"run_{run_id}" / "last.pt"
     print(f"run {run_id} '{run_name}' on {device}, database {describe_url(url)}", file=sys.stderr)
     writer.event("info", "run_started", f"run {run_id} started: {args.model} on {info.name}, "
-                 f"{device}, {params.optimizer} lr {params.learning_rate:g}", step=0)
+                 f"{device}, {describe(params)}", step=0)
 
     steps_per_epoch = len(train_loader)
     total = min(args.epochs * steps_per_epoch, args.max_steps or sys.maxsize)
     step, epoch, last_logged = 0, 1, -1
+    stopping = paused = done = restarted = False
+    handled_rollback = 0
     interval_start, interval_samples = time.perf_counter(), 0
 
     def log(full_validation: bool) -> None:
@@ -223,51 +220,106 @@ def main(argv: list[str] | None = None) -> int:
                         val=f"{val_loss:.4f}", lr=f"{learning_rate_in_force(optimizer):.2e}")
         last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
 
-    def adopt(state: ParameterState) -> bool:
-        """Apply a new parameters version at this step boundary; True if it asks to stop.
+    def checkpoint(reason: str, wait: bool = False) -> None:
+        ring.save(step, epoch, model, optimizer, {"run_id": run_id, "parameters": vars(params)},
+                  reason, wait=wait)
+
+    def roll_back(target: int) -> int | None:
+        """Restore the newest checkpoint at or before `target`; the step restored."""
+        nonlocal optimizer, params, step, epoch, last_logged, restarted
+        found = ring.newest_at_or_before(target)
+        if found is None:
+            writer.event("warning", "rollback_unavailable",
+                         f"no checkpoint at or before step {target} to roll back to", step=step)
+            return None
+        state = ring.load(found, device)
+        model.load_state_dict(state["model"])
+        restored = Hyperparameters(**state["parameters"])
+        optimizer = build_optimizer(
+            restored.optimizer, trainable(model), restored.learning_rate, restored.weight_decay
+        )
+        optimizer.load_state_dict(state["optimizer"])
+        set_dropout(model, restored.dropout / 100)
+        writer.rollback(found.step)
+        ring.forget_after(found.step)
+        writer.event("info", "rolled_back", f"rolled back from step {step} to the checkpoint "
+                     f"of step {found.step}; steps after it are kept as an abandoned branch",
+                     step=found.step)
+        params, step, epoch, last_logged = restored, found.step, found.epoch, found.step
+        metrics.reset()
+        bar.n = step
+        restarted = True
+        return found.step
+
+    def adopt(state: ParameterState) -> None:
+        """Apply a new parameters version at this step boundary.
 
         Values the model cannot take are ignored with a warning and the old ones
-        stay in force; a stop request in the same version is still honoured.
+        stay in force; stop, pause and rollback requests are still honoured.
         """
-        nonlocal optimizer, params
+        nonlocal optimizer, params, stopping, paused, handled_rollback
         new, errors = state.hyperparameters()
+        wants_rollback = (
+            state.rollback_request > handled_rollback and state.rollback_step is not None
+        )
+        if new is not None and new != params and not wants_rollback and not paused:
+            checkpoint("before_change")  # so a bad change can be undone
+        restored = None
+        if wants_rollback:
+            handled_rollback = state.rollback_request
+            restored = roll_back(state.rollback_step)
         if new is not None:
             try:
                 optimizer = apply_parameters(model, optimizer, params, new)
             except (ValueError, RuntimeError) as exc:
                 new, errors = None, {"model": f"the model cannot take it ({exc})"}
+        stopping, paused = state.stop_train, state.pause_train
         if new is None:
-            then = "stopping as requested" if state.stop_train else "training continues"
+            then = "stopping as requested" if stopping else "training continues"
             writer.event("warning", "parameters_rejected",
                          f"version {state.version} ignored: {'; '.join(errors.values())}; "
                          f"{then} with {describe(params)}", step=step, version=state.version)
-            if not state.stop_train:
-                return False
-        in_force = new or params
+            if not (stopping or paused or restored is not None):
+                return  # nothing of this version was adopted
         writer.acknowledge({
-            "version": state.version, **vars(in_force), "stop_train": state.stop_train,
-            "dt_updated": state.dt_updated, "applied_step": step, "dt_applied": now(),
+            "version": state.version, **vars(new or params), "stop_train": stopping,
+            "pause_train": paused, "rollback_step": restored, "dt_updated": state.dt_updated,
+            "applied_step": step, "dt_applied": now(),
         })
         if new is not None:
+            flags = ", paused" * paused + ", stopping" * stopping
             writer.event("info", "parameters_applied",
                          f"version {state.version} applied at step {step}: "
-                         f"{describe_change(params, new)}", step=step, version=state.version)
-        params = in_force
-        return state.stop_train
+                         f"{describe_change(params, new)}{flags}",
+                         step=step, version=state.version)
+        params = new or params
+
+    def wait_while_paused() -> None:
+        """Keep the process alive and listening (the writer keeps the heartbeat)."""
+        writer.status("paused")
+        bar.set_postfix_str("paused: waiting for new parameters from the board")
+        while paused and not stopping and not stop.requested.is_set():
+            if listener.changed.wait(0.2) and (state := listener.take()):
+                adopt(state)
+        if not stopping and not stop.requested.is_set():
+            writer.status("running")
 
     bar = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True)
-    stopping = done = False
     try:
         writer.rows("model_layers", model_table(model, next(iter(val_loader))[0].to(device)))
         log(full_validation=False)  # step 0: the untrained model, the initial loss
+        checkpoint("initial")
         model.train()
-        for epoch in range(1, args.epochs + 1):
+        while epoch <= args.epochs and not (stopping or done):
             bar.set_description(f"epoch {epoch}/{args.epochs}")
+            restarted = False
             for i, (x, y) in enumerate(train_loader):
                 if listener.changed.is_set() and (state := listener.take()):
-                    stopping = adopt(state)
+                    adopt(state)
+                if paused:
+                    wait_while_paused()
                 stopping = stopping or stop.requested.is_set()
-                if stopping:
+                if stopping or restarted:
                     break
 
                 end_of_epoch = i == steps_per_epoch - 1
@@ -277,8 +329,22 @@ def main(argv: list[str] | None = None) -> int:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
                 loss = nn.functional.cross_entropy(logits, y)
+                if not torch.isfinite(loss):  # pause before the update can spread it
+                    paused = True
+                    writer.event(
+                        "error", "non_finite",
+                        f"the training loss is {loss.item()} at step {step + 1}: training "
+                        "paused before the update", step=step,
+                        recommendation="roll back to an earlier checkpoint and lower the "
+                        f"learning rate (now {params.learning_rate:g})",
+                        fix={"learning_rate": params.learning_rate / 10},
+                    )
+                    done = False
+                    continue
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if params.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(trainable(model), params.grad_clip)
                 if logging:
                     probe.before_update()  # gradient norms, weights before the step
                 optimizer.step()
@@ -292,17 +358,20 @@ def main(argv: list[str] | None = None) -> int:
 
                 if logging:
                     log(full_validation=end_of_epoch or done)
+                if step % args.checkpoint_every == 0:
+                    checkpoint("periodic")
                 if done:
                     break
-            if stopping or done:
-                break
+            else:
+                epoch += 1
 
         status = "stopped" if stopping else "finished"
+        epoch = min(epoch, args.epochs)
         if step != last_logged:
             log(full_validation=True)  # the final validation of a stopped run
-        save_checkpoint(checkpoint, model, optimizer, step, epoch, params, run_id)
-        writer.event("info", f"run_{status}", f"run {status} at step {step}, epoch {epoch}; "
-                     f"checkpoint saved to {checkpoint}", step=step)
+        checkpoint("final", wait=True)
+        writer.event("info", f"run_{status}", f"run {status} at step {step}, epoch {epoch}",
+                     step=step)
         writer.status(status, ended=True)
         return 0
     except KeyboardInterrupt:
@@ -315,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         bar.close()
+        ring.flush()
         sampler.close()
         listener.close()
         if not writer.close():

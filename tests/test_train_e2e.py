@@ -157,9 +157,10 @@ def test_sql_client_steers_a_running_trainer(tmp_path: Path, db_url: str) -> Non
 
     # Adam's state survived the change: its step count covers the whole run, not
     # only the steps since the change.
-    checkpoint = torch.load(
-        tmp_path / "checkpoints" / f"run_{run_id}" / "last.pt", weights_only=False
+    (path,) = sql.one(
+        "SELECT path FROM checkpoints WHERE run_id = ? AND reason = 'final'", (run_id,)
     )
+    checkpoint = torch.load(tmp_path / path, weights_only=False)
     final_step = checkpoint["step"]
     assert final_step > applied_step > 0
     adam_steps = {float(s["step"]) for s in checkpoint["optimizer"]["state"].values()}
@@ -181,7 +182,8 @@ def test_ctrl_c_stops_gracefully(tmp_path: Path, sqlite_url: str) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     assert sql.one("SELECT status FROM runs")[0] == "stopped"
-    assert (tmp_path / "checkpoints" / f"run_{run_id}" / "last.pt").exists()
+    (path,) = sql.one("SELECT path FROM checkpoints ORDER BY step DESC LIMIT 1")
+    assert (tmp_path / path).exists()
     sql.close()
 
 
@@ -255,4 +257,82 @@ def test_a_crash_marks_the_run_failed_with_the_error(tmp_path: Path) -> None:
     assert status == "failed" and ended is not None
     level, message = sql.one("SELECT level, message FROM events WHERE code = 'run_failed'")
     assert level == "error" and "UnidentifiedImageError" in message
+    sql.close()
+
+
+def max_step(sql: SqlClient, run_id: int) -> int:
+    return sql.one("SELECT max(step) FROM statistics WHERE run_id = ?", (run_id,))[0] or 0
+
+
+def run_status(sql: SqlClient, run_id: int) -> str:
+    return sql.one("SELECT status FROM runs WHERE run_id = ?", (run_id,))[0]
+
+
+def test_pause_resume_and_rollback_by_sql(tmp_path: Path, db_url: str) -> None:
+    with trainer(tmp_path, db_url, "--checkpoint-every", "20") as proc:
+        sql = wait_for("the database", lambda: SqlClient(db_url), timeout=30)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
+        wait_for("45 steps", lambda: max_step(sql, run_id) >= 45)
+
+        sql.execute("UPDATE parameters SET pause_train = TRUE WHERE run_id = ?", (run_id,))
+        wait_for("the pause", lambda: run_status(sql, run_id) == "paused")
+        paused_at = max_step(sql, run_id)
+        beat = sql.one("SELECT dt_heartbeat FROM runs WHERE run_id = ?", (run_id,))[0]
+        wait_for("a heartbeat while paused", lambda: sql.one(
+            "SELECT dt_heartbeat FROM runs WHERE run_id = ?", (run_id,))[0] != beat, timeout=10)
+        assert max_step(sql, run_id) == paused_at and proc.poll() is None
+
+        sql.execute("UPDATE parameters SET pause_train = FALSE WHERE run_id = ?", (run_id,))
+        wait_for("training to resume", lambda: max_step(sql, run_id) > paused_at + 5)
+        assert run_status(sql, run_id) == "running"
+
+        # Roll back to step 20 and lower the lr in the same version.
+        sql.execute(
+            "UPDATE parameters SET rollback_step = 20, rollback_request = rollback_request + 1,"
+            " learning_rate = 0.0001 WHERE run_id = ?", (run_id,))
+        version = sql.one("SELECT version FROM parameters WHERE run_id = ?", (run_id,))[0]
+        wait_for("the rollback", lambda: sql.one(
+            "SELECT applied_step FROM parameter_changes WHERE run_id = ? AND version = ? "
+            "AND rollback_step = 20", (run_id, version)))
+        wait_for("new steps after the rollback", lambda: sql.one(
+            "SELECT count(*) FROM statistics WHERE run_id = ? AND step > 20 "
+            "AND learning_rate = 0.0001", (run_id,))[0] >= 3)
+        sql.execute("UPDATE parameters SET stop_train = TRUE WHERE run_id = ?", (run_id,))
+        assert proc.wait(timeout=60) == 0
+
+    abandoned = sql.rows("SELECT DISTINCT branch, rolled_back_to FROM abandoned_statistics "
+                         "WHERE run_id = ?", (run_id,))
+    assert abandoned == [(1, 20)]
+    cut = sql.one("SELECT min(step), max(step) FROM abandoned_statistics WHERE run_id = ?",
+                  (run_id,))
+    assert cut[0] > 20 and cut[1] >= paused_at
+    live = statistics(sql, run_id)
+    assert all(lr == 0.0001 for step, lr in live if step > 20)
+    assert all(lr == 3e-4 for step, lr in live if step <= 20)
+    assert run_status(sql, run_id) == "stopped"
+    sql.close()
+
+
+def test_non_finite_loss_pauses_and_a_rollback_recovers(tmp_path: Path, sqlite_url: str) -> None:
+    """seed 004: 'to see the model blow up, raise the learning rate' -- then undo it."""
+    with trainer(tmp_path, sqlite_url, "--model", "alexnet", "--optimizer", "SGD+Nesterov",
+                 "--lr", "1.0", "--checkpoint-every", "10") as proc:
+        sql = wait_for("the database", lambda: SqlClient(sqlite_url), timeout=30)
+        event = wait_for("the non-finite event", lambda: sql.one(
+            "SELECT step, level, fix FROM events WHERE code = 'non_finite'"), timeout=120)
+        step, level, fix = event
+        assert level == "error" and '"learning_rate"' in fix
+        wait_for("the pause", lambda: run_status(sql, 1) == "paused")
+        time.sleep(1.0)
+        assert max_step(sql, 1) <= step + 1 and proc.poll() is None
+
+        sql.execute("UPDATE parameters SET rollback_step = 10, rollback_request = 1, "
+                    "learning_rate = 0.001 WHERE run_id = 1")
+        wait_for("training to go on from the checkpoint", lambda: sql.one(
+            "SELECT count(*) FROM statistics WHERE step > 10 AND learning_rate = 0.001 "
+            "AND train_loss < 10")[0] >= 2, timeout=90)
+        assert run_status(sql, 1) == "running"
+        sql.execute("UPDATE parameters SET stop_train = TRUE WHERE run_id = 1")
+        assert proc.wait(timeout=60) == 0
+    assert sql.one("SELECT count(*) FROM abandoned_statistics WHERE rolled_back_to = 10")[0] > 0
     sql.close()
