@@ -17,6 +17,7 @@ RUN_LIST_LIMIT = 200
 CURVE_ROWS_LIMIT = 1_000_000  # the first load of a run; later refreshes catch up in REFRESH_ROWS
 REFRESH_ROWS = 5_000  # rows one refresh may append; a page that fell behind catches up next time
 HISTORY_LIMIT = 200  # parameter changes and events shown per run
+LAST_POSITION = 1_000_000  # sorts layers missing from model_layers after the known ones
 
 CURVE_COLUMNS = ("train_loss", "validate_loss", "train_accuracy", "validate_accuracy")
 
@@ -72,6 +73,14 @@ class BoardQueries:
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query)]
 
+    def rollbacks(self, run_id: int) -> int:
+        """How many times the run was rolled back (each cut moves a branch of statistics
+        to abandoned_statistics); an index-only MAX on its primary key."""
+        t = s.abandoned_statistics
+        query = select(func.coalesce(func.max(t.c.branch), 0)).where(t.c.run_id == run_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
     def parameter_changes(
         self, run_id: int, after_version: int = 0, limit: int = HISTORY_LIMIT
     ) -> list[dict[str, Any]]:
@@ -84,18 +93,6 @@ class BoardQueries:
             .limit(limit)
         )
         return _rows(self.engine, query)
-
-    def parameter_change_before(self, run_id: int, version: int) -> dict[str, Any] | None:
-        """The adopted version just before `version`, to tell what a change changed."""
-        t = s.parameter_changes
-        query = (
-            select(t)
-            .where(t.c.run_id == run_id, t.c.version < version)
-            .order_by(t.c.version.desc())
-            .limit(1)
-        )
-        rows = _rows(self.engine, query)
-        return rows[0] if rows else None
 
     def first_adoption_from(self, run_id: int, version: int) -> dict[str, Any] | None:
         """The adopted version that fulfilled `version`: itself, or the first newer one
@@ -143,12 +140,18 @@ class BoardQueries:
             return conn.execute(query).scalar()
 
     def activations_at(self, run_id: int, step: int) -> list[dict[str, Any]]:
-        """One histogram per monitored layer at `step`: conv layers before fc layers,
-        then by part and position (the forward order of every model models.py builds)."""
-        t = s.activations
+        """One histogram per monitored layer at `step`, in forward order (model_layers'
+        position; runs without that table's rows: conv before fc, then part and number)."""
+        t, m = s.activations, s.model_layers
+        position = (
+            select(m.c.position)
+            .where(m.c.run_id == t.c.run_id, m.c.layer_name == t.c.layer_name)
+            .scalar_subquery()
+        )
         query = (
             select(t)
             .where(t.c.run_id == run_id, t.c.step == step)
-            .order_by(t.c.layer_type, t.c.nn_part, t.c.number)
+            .order_by(func.coalesce(position, LAST_POSITION), t.c.layer_type, t.c.nn_part,
+                      t.c.number)
         )
         return _rows(self.engine, query)

@@ -1,0 +1,79 @@
+"""The live training board: watch runs and steer them from the browser.
+
+    python board.py                                   # the embedded SQLite default
+    python board.py --db postgresql://postgres@127.0.0.1/postgres --port 8050
+
+It reads and writes only the database contract (db/schema.py), so it works
+with a trainer on another machine, with several runs, and after a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from dashboard.app import create_app
+from dashboard.context import BoardContext
+from db.store import Store, describe_url, resolve_url
+
+SERVER_THREADS = 8  # a page fires a handful of small callbacks per refresh
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--db", default=None, help="SQLAlchemy URL (default: $DATABASE_URL, "
+                   "else sqlite:///training.db)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--debug", action="store_true",
+                   help="Dash dev server with hot reload and dev tools instead of waitress")
+    return p.parse_args(argv)
+
+
+def open_store(url: str) -> Store:
+    """The store, creating missing tables; a database that is down now is not fatal:
+    the page says so and recovers when it is back."""
+    try:
+        return Store(url)
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"warning: database unreachable for now ({reason})", file=sys.stderr)
+        return Store(url, create=False)
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    url = resolve_url(args.db)
+    store = open_store(url)
+    app = create_app(BoardContext.for_store(store))
+    print(f"board on http://{args.host}:{args.port}/  database {describe_url(url)}",
+          file=sys.stderr, flush=True)
+    try:
+        if args.debug:
+            app.run(host=args.host, port=args.port, debug=True)
+        else:
+            from waitress import serve
+
+            signal.signal(signal.SIGTERM, _stop_on_sigterm)
+            serve(app.server, host=args.host, port=args.port, threads=SERVER_THREADS,
+                  ident="board")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The live training board: layout, callbacks and figures for board.py."""

@@ -1,0 +1,52 @@
+"""The Dash application: layout, callbacks by concern, and the database-down banner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dash import Dash, set_props
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from dashboard import (
+    callbacks_activations,
+    callbacks_controls,
+    callbacks_curves,
+    callbacks_history,
+    callbacks_runs,
+)
+from dashboard.context import BoardContext
+from dashboard.layout import page
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+
+
+def unreachable_message(ctx: BoardContext, error: Exception) -> str:
+    """One line for the banner: which database, and the driver's first line of why."""
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()
+    first = reason[0] if reason else type(error).__name__
+    return (f"Database unreachable ({ctx.db_label}): {first}. "
+            "The board keeps retrying at every refresh.")
+
+
+def create_app(ctx: BoardContext) -> Dash:
+    def on_error(error: Exception) -> None:
+        """A database outage becomes a banner instead of a traceback; other errors
+        are bugs and propagate."""
+        if not isinstance(error, UNREACHABLE):
+            raise error
+        set_props("db-alert", {"children": unreachable_message(ctx, error), "className": "alert"})
+
+    app = Dash(
+        __name__,
+        title="CNN training board",
+        update_title=None,
+        assets_folder=str(ASSETS),
+        on_error=on_error,
+    )
+    app.layout = page(callbacks_runs.start_command(ctx))
+    for concern in (callbacks_runs, callbacks_controls, callbacks_curves, callbacks_history,
+                    callbacks_activations):
+        concern.register(app, ctx)
+    return app

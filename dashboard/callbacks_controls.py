@@ -1,0 +1,280 @@
+"""Steering: the parameter fields, their validation, submit, stop, and the apply status.
+
+Every value goes through hyperparams.validate() before anything is written, the
+same rules the database's CHECK constraints and the trainer enforce.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from dash import ALL, Dash, Input, Output, State, callback_context, no_update
+
+from dashboard.context import BoardContext
+from dashboard.layout import FIELDS, LR_SLIDER_MIN
+from dashboard.status import effective_status, format_duration, format_number, is_live
+from db.store import now as utc_now
+from hyperparams import validate
+
+
+@dataclass(frozen=True)
+class FieldValues:
+    optimizer: str | None
+    learning_rate: str | None
+    weight_decay: str | None
+    dropout: str | None
+
+
+@dataclass(frozen=True)
+class FieldSync:
+    """What the fields should show; `values` is None when they should stay as typed."""
+
+    values: FieldValues | None
+    state: dict[str, Any] | None
+    disabled: bool
+
+
+def sync_fields(
+    ctx: BoardContext, run_id: int | None, loaded: Mapping[str, Any] | None,
+    now: datetime | None = None,
+) -> FieldSync:
+    """Load the run's current parameters when the run changes or someone (another tab, a
+    SQL client) wrote a new version; otherwise leave what the user is typing alone."""
+    if run_id is None:
+        return FieldSync(FieldValues(None, None, None, None), None, True)
+    run = ctx.queries.run(run_id)
+    params = ctx.store.get_parameters(run_id)
+    if run is None or params is None:
+        return FieldSync(FieldValues(None, None, None, None), None, True)
+    disabled = not is_live(effective_status(run, now or utc_now()))
+    state = {"run_id": run_id, "version": params.version}
+    if loaded == state:
+        return FieldSync(None, state, disabled)
+    values = FieldValues(
+        params.optimizer,
+        format_number(params.learning_rate),
+        format_number(params.weight_decay),
+        str(params.dropout),
+    )
+    return FieldSync(values, state, disabled)
+
+
+def field_errors(optimizer: Any, lr: Any, wd: Any, dropout: Any) -> dict[str, str]:
+    """validate()'s message per bad field; fields not loaded yet (None) are not judged."""
+    _, errors = validate(optimizer, lr, wd, dropout)
+    given = dict(zip(FIELDS, (optimizer, lr, wd, dropout), strict=True))
+    return {name: message for name, message in errors.items() if given.get(name) is not None}
+
+
+def lr_to_slider(text: Any) -> float | None:
+    """The slider position (log10) for a typed learning rate, None if it is not one."""
+    try:
+        lr = float(text)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not math.isfinite(lr) or lr <= 0:
+        return None
+    return round(min(max(math.log10(lr), LR_SLIDER_MIN), 0.0), 2)
+
+
+def slider_to_lr(position: float, typed: Any) -> str | None:
+    """The learning rate text for a slider position; None when the typed value already
+    sits there (the slider moved only because the text moved it)."""
+    if lr_to_slider(typed) == round(position, 2):
+        return None
+    return f"{10 ** position:.3g}"
+
+
+def _refusal(run_id: int | None, kind: str, reason: str) -> dict[str, Any]:
+    return {"run_id": run_id, "kind": kind, "version": None, "refused": reason}
+
+
+def _run_not_steerable(ctx: BoardContext, run_id: int, now: datetime) -> str | None:
+    run = ctx.queries.run(run_id)
+    if run is None:
+        return f"run {run_id} no longer exists"
+    status = effective_status(run, now)
+    if not is_live(status):
+        return f"run {run_id} is {status}; no trainer reads its parameters any more"
+    return None
+
+
+def submit_parameters(
+    ctx: BoardContext, run_id: int | None, optimizer: Any, lr: Any, wd: Any, dropout: Any,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """Validate, then write the new desired state (version + 1); nothing is written if
+    a value is refused. Returns what the apply status follows."""
+    if run_id is None:
+        return _refusal(None, "parameters", "no run selected")
+    parsed, errors = validate(optimizer, lr, wd, dropout)
+    if errors or parsed is None:
+        return _refusal(run_id, "parameters", "; ".join(errors.values()))
+    now = now or utc_now()
+    if reason := _run_not_steerable(ctx, run_id, now):
+        return _refusal(run_id, "parameters", reason)
+    version = ctx.store.submit_parameters(
+        run_id, optimizer=parsed.optimizer, learning_rate=parsed.learning_rate,
+        weight_decay=parsed.weight_decay, dropout=parsed.dropout,
+    )
+    return {"run_id": run_id, "kind": "parameters", "version": version, "refused": None}
+
+
+def request_stop(ctx: BoardContext, run_id: int | None, now: datetime | None = None) -> dict:
+    if run_id is None:
+        return _refusal(None, "stop", "no run selected")
+    if reason := _run_not_steerable(ctx, run_id, now or utc_now()):
+        return _refusal(run_id, "stop", reason)
+    version = ctx.store.request_stop(run_id)
+    return {"run_id": run_id, "kind": "stop", "version": version, "refused": None}
+
+
+@dataclass(frozen=True)
+class ApplyStatus:
+    text: str
+    tone: str  # muted | pending | ok | error
+
+    @property
+    def class_name(self) -> str:
+        return f"apply-status tone-{self.tone}"
+
+
+def apply_status(
+    ctx: BoardContext, run_id: int | None, submission: Mapping[str, Any] | None,
+    now: datetime | None = None,
+) -> ApplyStatus:
+    """Pending until the trainer acknowledges the submitted version, then where and how
+    fast it was applied; rejected or not-live runs say so instead of waiting forever."""
+    if run_id is None:
+        return ApplyStatus("", "muted")
+    now = now or utc_now()
+    if not submission or submission.get("run_id") != run_id:
+        return _current_state(ctx, run_id)
+    what = "Stop request" if submission["kind"] == "stop" else "Parameters"
+    if submission.get("refused"):
+        return ApplyStatus(f"{what} not sent: {submission['refused']}.", "error")
+    version = int(submission["version"])
+    adopted = ctx.queries.first_adoption_from(run_id, version)
+    if adopted is not None:
+        latency = (adopted["dt_applied"] - adopted["dt_updated"]).total_seconds() * 1000
+        if adopted["version"] == version:
+            return ApplyStatus(
+                f"{what} (version {version}) applied at step {adopted['applied_step']}, "
+                f"{latency:.0f} ms after submit.", "ok")
+        return ApplyStatus(
+            f"{what} (version {version}) superseded by version {adopted['version']}, "
+            f"applied at step {adopted['applied_step']}, {latency:.0f} ms after submit.", "ok")
+    rejected = ctx.queries.rejection(run_id, version)
+    if rejected is not None:
+        return ApplyStatus(
+            f"{what} (version {version}) rejected by the trainer: {rejected['message']}", "error")
+    run = ctx.queries.run(run_id)
+    status = effective_status(run, now) if run else "gone"
+    if status == "lost":
+        silent = format_duration((now - run["dt_heartbeat"]).total_seconds())
+        return ApplyStatus(
+            f"{what} (version {version}) pending: the trainer has sent no heartbeat for "
+            f"{silent} (lost); it applies when the trainer comes back.", "error")
+    if not is_live(status):
+        return ApplyStatus(
+            f"{what} (version {version}) will not be applied: the run is {status}.", "error")
+    return ApplyStatus(f"{what} (version {version}) pending: waiting for the trainer…",
+                       "pending")
+
+
+def _current_state(ctx: BoardContext, run_id: int) -> ApplyStatus:
+    """With nothing submitted from this page: which version the trainer runs."""
+    params = ctx.store.get_parameters(run_id)
+    if params is None:
+        return ApplyStatus("", "muted")
+    if params.applied_version >= params.version:
+        return ApplyStatus(
+            f"Version {params.applied_version} in force since step {params.applied_step}.",
+            "muted")
+    return ApplyStatus(
+        f"Version {params.version} written, version {params.applied_version} in force.",
+        "muted")
+
+
+def register(app: Dash, ctx: BoardContext) -> None:
+    @app.callback(
+        Output("optimizer-select", "value"),
+        Output("lr-input", "value", allow_duplicate=True),
+        Output("wd-input", "value"),
+        Output("dropout-input", "value"),
+        Output("fields-state", "data"),
+        Output("submit-params", "disabled"),
+        Output("stop-button", "disabled"),
+        Input("refresh-interval", "n_intervals"),
+        Input("run-select", "value"),
+        State("fields-state", "data"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def _sync(_n: int | None, run_id: int | None, loaded: dict | None) -> tuple:
+        sync = sync_fields(ctx, run_id, loaded)
+        if sync.values is None:
+            values: tuple = (no_update,) * 4
+        else:
+            v = sync.values
+            values = (v.optimizer, v.learning_rate, v.weight_decay, v.dropout)
+        return (*values, sync.state, sync.disabled, sync.disabled)
+
+    @app.callback(
+        Output("lr-input", "value"),
+        Output("lr-slider", "value"),
+        Input("lr-input", "value"),
+        Input("lr-slider", "value"),
+    )
+    def _lr_slider(text: Any, position: float | None) -> tuple:
+        if callback_context.triggered_id == "lr-slider" and position is not None:
+            typed = slider_to_lr(position, text)
+            return typed if typed is not None else no_update, no_update
+        slider = lr_to_slider(text)
+        return no_update, slider if slider is not None else no_update
+
+    @app.callback(
+        Output({"type": "field", "name": ALL}, "className"),
+        Output({"type": "field-error", "name": ALL}, "children"),
+        Input("optimizer-select", "value"),
+        Input("lr-input", "value"),
+        Input("wd-input", "value"),
+        Input("dropout-input", "value"),
+    )
+    def _validate(optimizer: Any, lr: Any, wd: Any, dropout: Any) -> tuple[list, list]:
+        errors = field_errors(optimizer, lr, wd, dropout)
+        names = [o["id"]["name"] for o in callback_context.outputs_list[0]]
+        return (
+            ["field invalid" if n in errors else "field" for n in names],
+            [errors.get(n, "") for n in names],
+        )
+
+    @app.callback(
+        Output("submission", "data"),
+        Input("submit-params", "n_clicks"),
+        Input("stop-confirm", "submit_n_clicks"),
+        State("run-select", "value"),
+        State("optimizer-select", "value"),
+        State("lr-input", "value"),
+        State("wd-input", "value"),
+        State("dropout-input", "value"),
+        prevent_initial_call=True,
+    )
+    def _send(_submit: int, _stop: int, run_id: int | None, *fields: Any) -> dict[str, Any]:
+        if callback_context.triggered_id == "stop-confirm":
+            return request_stop(ctx, run_id)
+        return submit_parameters(ctx, run_id, *fields)
+
+    @app.callback(
+        Output("apply-status", "children"),
+        Output("apply-status", "className"),
+        Input("refresh-interval", "n_intervals"),
+        Input("submission", "data"),
+        Input("run-select", "value"),
+    )
+    def _status(_n: int | None, submission: dict | None, run_id: int | None) -> tuple[str, str]:
+        status = apply_status(ctx, run_id, submission)
+        return status.text, status.class_name

@@ -1,0 +1,23 @@
+"""What every callback needs: the Store for writes and the board's read queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from db.board_queries import BoardQueries
+from db.store import Store, describe_url
+
+
+@dataclass(frozen=True)
+class BoardContext:
+    store: Store
+    queries: BoardQueries
+
+    @classmethod
+    def for_store(cls, store: Store) -> BoardContext:
+        return cls(store, BoardQueries(store.engine))
+
+    @property
+    def db_label(self) -> str:
+        """The database URL with any password masked."""
+        return describe_url(self.store.url)

@@ -1,0 +1,253 @@
+"""The page, built from small component functions; styles live in assets/board.css.
+
+Component ids the callbacks and the browser tests rely on are the string ids
+below; the per-field wrappers and error messages use pattern-matching ids
+({"type": "field", "name": ...}) so one callback validates every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dash import dcc, html
+
+from dashboard.smoothing import SMOOTHING_DEFAULT, SMOOTHING_MAX
+from hyperparams import DROPOUT_MAX, LR_MAX, OPTIMIZERS
+
+FIELDS = ("optimizer", "learning_rate", "weight_decay", "dropout")  # validate()'s keys
+LR_SLIDER_MIN = -6  # log10 of the smallest learning rate on the slider
+REFRESH_CHOICES = ((0, "off"), (1000, "1 s"), (5000, "5 s"))
+REFRESH_DEFAULT_MS = 1000
+GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": "hover",
+                "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
+
+
+def field_id(name: str) -> dict[str, str]:
+    return {"type": "field", "name": name}
+
+
+def field_error_id(name: str) -> dict[str, str]:
+    return {"type": "field-error", "name": name}
+
+
+def card(title: str, *children: Any, tools: Any = None, class_name: str = "") -> html.Section:
+    """A titled panel; `tools` sit at the right of the title bar."""
+    header = [html.H2(title, className="card-title")]
+    if tools is not None:
+        header.append(html.Div(tools, className="card-tools"))
+    return html.Section(
+        [html.Header(header, className="card-header"), html.Div(children, className="card-body")],
+        className=f"card {class_name}".strip(),
+    )
+
+
+def field(name: str, label: str, control: Any, hint: str = "") -> html.Div:
+    """A labelled control with its validation message underneath."""
+    return html.Div(
+        [
+            html.Label(label, className="field-label"),
+            control,
+            html.Div(hint, className="field-hint") if hint else None,
+            html.Div(id=field_error_id(name), className="field-error", role="alert"),
+        ],
+        id=field_id(name),
+        className="field",
+    )
+
+
+def text_input(component_id: str, placeholder: str) -> dcc.Input:
+    """A text box, not type=number: the browser would blank "abc", "NaN" or "1e999" silently
+    instead of letting validate() say what is wrong with them."""
+    return dcc.Input(
+        id=component_id, type="text", placeholder=placeholder, autoComplete="off",
+        className="text-input", spellCheck=False,
+    )
+
+
+def top_bar() -> html.Header:
+    return html.Header(
+        [
+            html.Div(
+                [html.Span("◧", className="brand-mark"), html.Span("CNN training board")],
+                className="brand",
+            ),
+            html.Div(
+                dcc.Dropdown(
+                    id="run-select", options=[], value=None, clearable=False,
+                    placeholder="No runs yet", className="run-select", maxHeight=420,
+                ),
+                className="run-select-wrap",
+            ),
+            html.Div(
+                [
+                    html.Span("Refresh", className="refresh-label"),
+                    dcc.RadioItems(
+                        id="refresh-select",
+                        options=[{"label": label, "value": ms} for ms, label in REFRESH_CHOICES],
+                        value=REFRESH_DEFAULT_MS, inline=True, className="segmented",
+                    ),
+                ],
+                className="refresh",
+            ),
+        ],
+        className="topbar",
+    )
+
+
+def empty_state(start_command: str) -> html.Div:
+    return html.Div(
+        [
+            html.H2("No training runs in this database yet"),
+            html.P("Start one and it appears here within a second:"),
+            html.Pre(start_command, className="command"),
+        ],
+        id="empty-state",
+        className="empty-state hidden",
+    )
+
+
+def control_panel() -> html.Section:
+    optimizer = dcc.Dropdown(
+        id="optimizer-select", options=list(OPTIMIZERS), value=None, clearable=False,
+        searchable=False, className="optimizer-select",
+    )
+    lr = html.Div(
+        [
+            text_input("lr-input", "e.g. 3e-4"),
+            dcc.Slider(
+                id="lr-slider", min=LR_SLIDER_MIN, max=0, step=0.01, value=None,
+                marks={e: f"1e{e}" if e else "1" for e in range(LR_SLIDER_MIN, 1, 2)},
+                allow_direct_input=False, className="lr-slider",
+            ),
+        ],
+        className="lr-row",
+    )
+    return card(
+        "Control",
+        field("optimizer", "Optimizer", optimizer),
+        field("learning_rate", "Learning rate", lr, f"0 < lr ≤ {LR_MAX:g}; slider is log-scale"),
+        html.Div(
+            [
+                field("weight_decay", "Weight decay", text_input("wd-input", "0"), "0 … 1"),
+                field("dropout", "Dropout %", text_input("dropout-input", "50"),
+                      f"whole percent, 0 … {DROPOUT_MAX}"),
+            ],
+            className="field-pair",
+        ),
+        html.Div(
+            [
+                html.Button("Submit parameters", id="submit-params", className="btn btn-primary",
+                            n_clicks=0),
+                dcc.ConfirmDialogProvider(
+                    html.Button("Stop training", id="stop-button", className="btn btn-danger"),
+                    id="stop-confirm",
+                    message="Stop this training run? The trainer finishes its step, runs a "
+                            "final validation, saves a checkpoint and exits.",
+                ),
+            ],
+            className="button-row",
+        ),
+        html.Div(id="apply-status", className="apply-status", role="status"),
+        class_name="control-card",
+    )
+
+
+def history_table() -> html.Section:
+    headers = ["ver", "step", "optimizer", "lr", "wd", "dropout", "latency"]
+    return card(
+        "Parameter history",
+        html.Div(
+            html.Table(
+                [
+                    html.Thead(html.Tr([html.Th(h) for h in headers])),
+                    html.Tbody(id="param-history-rows"),
+                ],
+                id="param-history",
+                className="history-table",
+            ),
+            className="table-scroll",
+        ),
+        class_name="history-card",
+    )
+
+
+def display_tools() -> html.Div:
+    return html.Div(
+        [
+            html.Span("Smoothing", className="tool-label"),
+            dcc.Slider(
+                id="smoothing-slider", min=0, max=SMOOTHING_MAX, step=0.01,
+                value=SMOOTHING_DEFAULT, marks=None, allow_direct_input=False,
+                tooltip={"placement": "bottom", "always_visible": False},
+                className="smoothing-slider",
+            ),
+            html.Span(id="smoothing-value", className="tool-value"),
+            dcc.Checklist(
+                id="log-y", options=[{"label": "log-scale loss", "value": "log"}], value=[],
+                className="toggle",
+            ),
+        ],
+        className="display-tools",
+    )
+
+
+def graph(component_id: str, class_name: str = "", tools: bool = True) -> dcc.Graph:
+    """A Plotly graph; `tools` shows the zoom/pan/download bar on hover."""
+    config = GRAPH_CONFIG if tools else {"displayModeBar": False}
+    return dcc.Graph(
+        id=component_id, config=config, className=f"graph {class_name}".strip(),
+        figure={"data": [], "layout": {"height": 330}},
+    )
+
+
+def stores() -> list[dcc.Store]:
+    """What the page already holds, so a refresh asks only for newer rows."""
+    return [
+        dcc.Store(id="curve-state"),
+        dcc.Store(id="history-state"),
+        dcc.Store(id="activations-state"),
+        dcc.Store(id="fields-state"),
+        dcc.Store(id="submission"),
+    ]
+
+
+def page(start_command: str) -> html.Div:
+    return html.Div(
+        [
+            top_bar(),
+            html.Div(id="db-alert", className="alert hidden", role="alert"),
+            empty_state(start_command),
+            html.Main(
+                [
+                    html.Div(id="run-header", className="run-header"),
+                    html.Div(
+                        [
+                            html.Aside(
+                                [control_panel(), history_table(),
+                                 card("Events", html.Ul(id="events-list",
+                                                        className="events-list"))],
+                                className="sidebar",
+                            ),
+                            html.Div(
+                                [
+                                    card("Loss", graph("loss-graph"), tools=display_tools()),
+                                    card("Accuracy", graph("accuracy-graph")),
+                                    card("Activation distributions",
+                                         graph("activations-graph", "activations", tools=False),
+                                         tools=html.Span(id="activations-step",
+                                                         className="tool-value")),
+                                ],
+                                className="content",
+                            ),
+                        ],
+                        className="board-grid",
+                    ),
+                ],
+                id="board-body",
+                className="board hidden",  # shown once the database has answered
+            ),
+            dcc.Interval(id="refresh-interval", interval=REFRESH_DEFAULT_MS),
+            *stores(),
+        ],
+        className="page",
+    )
