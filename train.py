@@ -30,6 +30,7 @@ from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_l
 from db.listener import ParameterListener
 from db.store import ParameterState, Store, describe_url, now, resolve_url
 from db.writer import BackgroundWriter
+from diagnostics import Diagnostician, LayerRecord, StepRecord
 from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
 from models import MODEL_NAMES, ModelUnavailable, build_model, set_dropout
 from steering import apply_parameters, build_optimizer, learning_rate_in_force, trainable
@@ -120,6 +121,10 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _float(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def describe(p: Hyperparameters) -> str:
     return f"{p.optimizer}, lr {p.learning_rate:g}, weight decay {p.weight_decay:g}, " \
         f"dropout {p.dropout} %"
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     total = min(args.epochs * steps_per_epoch, args.max_steps or sys.maxsize)
     step, epoch, last_logged = 0, 1, -1
     stopping = paused = done = restarted = False
+    doctor = Diagnostician(info.num_classes)
     handled_rollback = 0
     interval_start, interval_samples = time.perf_counter(), 0
 
@@ -214,11 +220,36 @@ def main(argv: list[str] | None = None) -> int:
             "validate_loss": val_loss, "validate_accuracy": val_acc,
             "samples_per_second": interval_samples / elapsed if interval_samples else None,
         })
-        for table, rows in probe.rows(step).items():
+        telemetry = probe.rows(step)
+        for table, rows in telemetry.items():
             writer.rows(table, rows)
+        diagnose(train_loss, val_loss, telemetry["layer_statistics"])
         bar.set_postfix(loss=f"{train_loss if train_loss is not None else val_loss:.4f}",
                         val=f"{val_loss:.4f}", lr=f"{learning_rate_in_force(optimizer):.2e}")
         last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
+
+    def diagnose(
+        train_loss: float | None, val_loss: float, layers: list[dict[str, Any]]
+    ) -> None:
+        """Run the health rules on this log; a non-finite value pauses the run."""
+        nonlocal paused
+        record = StepRecord(
+            step=step, train_loss=_float(train_loss), validate_loss=val_loss,
+            learning_rate=learning_rate_in_force(optimizer), optimizer=params.optimizer,
+            weight_decay=params.weight_decay, dropout=params.dropout,
+            layers=tuple(LayerRecord(
+                name=r["layer_name"], act_mean=_float(r["act_mean"]),
+                act_std=_float(r["act_std"]), zero_fraction=_float(r["zero_fraction"]),
+                dead_fraction=_float(r["dead_fraction"]), grad_norm=_float(r["grad_norm"]),
+                update_ratio=_float(r["update_ratio"]), has_nonlinearity=r["has_nonlinearity"],
+            ) for r in layers),
+        )
+        for finding in doctor.observe(record):
+            writer.event(finding.level, finding.code, finding.message, step=step,
+                         layer_name=finding.layer, recommendation=finding.recommendation,
+                         fix=finding.fix)
+            if finding.code == "non_finite" and step > 0:
+                paused = True  # before the next update
 
     def checkpoint(reason: str, wait: bool = False) -> None:
         ring.save(step, epoch, model, optimizer, {"run_id": run_id, "parameters": vars(params)},
