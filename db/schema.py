@@ -281,6 +281,9 @@ model_layers = Table(
     Column("monitored", Boolean, nullable=False),  # a conv/fc layer with telemetry
 )
 
+Index("model_layers_run_id_layer_name", model_layers.c.run_id, model_layers.c.layer_name,
+      unique=True)
+
 system_metrics = Table(
     "system_metrics",
     metadata,

@@ -197,6 +197,8 @@ CREATE TABLE model_layers (
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
 );
 
+CREATE UNIQUE INDEX model_layers_run_id_layer_name ON model_layers (run_id, layer_name);
+
 CREATE TABLE system_metrics (
 	sample_id SERIAL NOT NULL,
 	run_id INTEGER NOT NULL,

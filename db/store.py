@@ -63,7 +63,11 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # connect_timeout: a host that drops packets fails in seconds, not minutes.
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+        connect_args={"connect_timeout": 5},
+    )
 
 
 def now() -> datetime:
