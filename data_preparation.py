@@ -65,13 +65,14 @@ def tensor_datasets(
     val_fraction: float,
     seed: int,
     image_size: int | None,
+    normalize: bool = True,
 ) -> tuple[TensorDataset, TensorDataset, DatasetInfo]:
     """Split in-memory N x C x H x W images, normalized with the training split's mean and std."""
     if image_size is not None and image_size != images.shape[-1]:
         images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False)
     train_idx, val_idx = split_indices(len(images), val_fraction, seed)
     train_images = images[train_idx]
-    mean, std = train_images.mean(), train_images.std()
+    mean, std = (train_images.mean(), train_images.std()) if normalize else (0.0, 1.0)
     train = TensorDataset((train_images - mean) / std, labels[train_idx])
     val = TensorDataset((images[val_idx] - mean) / std, labels[val_idx])
     num_classes = int(labels.max()) + 1
@@ -127,7 +128,7 @@ def download(name: str, data_dir: str = "data") -> None:
 
 
 def torchvision_transforms(
-    name: str, image_size: int | None
+    name: str, image_size: int | None, normalize: bool = True
 ) -> tuple[transforms.Compose, transforms.Compose, int]:
     """(train, validation) transforms and the resulting image size.
 
@@ -136,7 +137,7 @@ def torchvision_transforms(
     native = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32}.get(name)
     size = image_size or native or DEFAULT_IMAGE_SIZE
     mean, std = STATS["imagenet" if name == "imagenette" else name]
-    to_tensor = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    to_tensor = [transforms.ToTensor()] + [transforms.Normalize(mean, std)] * normalize
     resize = [transforms.Resize(size), transforms.CenterCrop(size)] if size != native else []
     plain = resize + to_tensor
     if name == "cifar10":
@@ -151,10 +152,10 @@ def torchvision_transforms(
 
 
 def load_torchvision(
-    name: str, data_dir: str, image_size: int | None
+    name: str, data_dir: str, image_size: int | None, normalize: bool = True
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """A downloaded torchvision dataset, its official test split used for validation."""
-    train_tf, val_tf, size = torchvision_transforms(name, image_size)
+    train_tf, val_tf, size = torchvision_transforms(name, image_size, normalize)
     try:
         train = torchvision_dataset(name, data_dir, True, train_tf, download=False)
         val = torchvision_dataset(name, data_dir, False, val_tf, download=False)
@@ -170,19 +171,13 @@ def load_torchvision(
 
 
 def load_folder(
-    path: str, val_fraction: float, seed: int, image_size: int | None
+    path: str, val_fraction: float, seed: int, image_size: int | None, normalize: bool = True
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """The user's own images, one sub-folder per class, split by seed."""
     size = image_size or DEFAULT_IMAGE_SIZE
     mean, std = STATS["imagenet"]
-    transform = transforms.Compose(
-        [
-            transforms.Resize(size),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    steps = [transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()]
+    transform = transforms.Compose(steps + [transforms.Normalize(mean, std)] * normalize)
     try:
         images = datasets.ImageFolder(path, transform=transform)
     except FileNotFoundError as e:
@@ -201,20 +196,22 @@ def load_datasets(
     val_fraction: float = 0.1,
     seed: int = 0,
     image_size: int | None = None,
+    normalize: bool = True,
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Return (train, validation, info) for a dataset name or a folder of class sub-folders.
 
     val_fraction and seed decide the split only where there is no official test split
     (mnist5k, digits, folders). image_size resizes (default: native, 128 for Imagenette/folders).
+    normalize=False keeps raw [0, 1] pixels (a playground pathology).
     """
     if name == "mnist5k":
-        return tensor_datasets(name, *load_mnist5k(), val_fraction, seed, image_size)
+        return tensor_datasets(name, *load_mnist5k(), val_fraction, seed, image_size, normalize)
     if name == "digits":
-        return tensor_datasets(name, *load_digits(), val_fraction, seed, image_size)
+        return tensor_datasets(name, *load_digits(), val_fraction, seed, image_size, normalize)
     if name in DOWNLOADABLE:
-        return load_torchvision(name, data_dir, image_size)
+        return load_torchvision(name, data_dir, image_size, normalize)
     if os.path.isdir(name):
-        return load_folder(name, val_fraction, seed, image_size)
+        return load_folder(name, val_fraction, seed, image_size, normalize)
     raise DatasetUnavailable(
         f"Unknown dataset {name!r}: neither one of {', '.join(DATASETS)} nor a folder of class "
         f"sub-folders. See: python get_dataset.py --help"

@@ -242,6 +242,32 @@ def build_model(
     return model
 
 
+INIT_SCHEMES = ("default", "kaiming", "xavier", "normal:STD")
+
+
+def initialize(model: nn.Module, scheme: str) -> None:
+    """Re-initialize every conv/linear weight (biases to zero); a playground knob.
+
+    `normal:STD` draws from N(0, STD^2): a large STD is seed 003's exploding
+    initial loss, a tiny one its vanishing activations.
+    """
+    if scheme == "default":
+        return
+    for module in model.modules():
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        if scheme == "kaiming":
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        elif scheme == "xavier":
+            nn.init.xavier_uniform_(module.weight)
+        elif scheme.startswith("normal:"):
+            nn.init.normal_(module.weight, 0.0, float(scheme.split(":", 1)[1]))
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}; one of {', '.join(INIT_SCHEMES)}")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 def set_dropout(model: nn.Module, p: float) -> int:
     """Set the drop probability of every dropout layer in place, so the board can change it live.
 

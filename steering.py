@@ -7,6 +7,7 @@ only an optimizer switch builds a new optimizer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -63,6 +64,22 @@ def apply_parameters(
     if new.dropout != current.dropout:
         set_dropout(model, new.dropout / 100)
     return optimizer
+
+
+LR_SCHEDULES = ("none", "step", "cosine")
+
+
+def schedule_factor(kind: str, step: int, total: int) -> float:
+    """The multiplier on the base learning rate at `step` of `total`.
+
+    step: x0.1 at each third of the run; cosine: from 1 down to 0 over the run.
+    A learning rate set from the board becomes the new base.
+    """
+    if kind == "step":
+        return 0.1 ** (step // max(1, total // 3))
+    if kind == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+    return 1.0
 
 
 def learning_rate_in_force(optimizer: torch.optim.Optimizer) -> float:

@@ -12,6 +12,7 @@ Nothing in the loop waits on the database: writes go through a background writer
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from checkpointing import CheckpointRing
@@ -32,8 +34,15 @@ from db.store import ParameterState, Store, describe_url, now, resolve_url
 from db.writer import BackgroundWriter
 from diagnostics import Diagnostician, LayerRecord, StepRecord
 from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
-from models import MODEL_NAMES, ModelUnavailable, build_model, set_dropout
-from steering import apply_parameters, build_optimizer, learning_rate_in_force, trainable
+from models import MODEL_NAMES, ModelUnavailable, build_model, initialize, set_dropout
+from steering import (
+    LR_SCHEDULES,
+    apply_parameters,
+    build_optimizer,
+    learning_rate_in_force,
+    schedule_factor,
+    trainable,
+)
 from telemetry import (
     IntervalMetrics,
     LayerProbe,
@@ -72,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-name", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--init", type=init_scheme, default="default",
+                   help="weights: default, kaiming, xavier or normal:STD")
+    p.add_argument("--no-normalize", action="store_true", help="feed raw [0, 1] pixels")
+    p.add_argument("--overfit-batches", type=int, default=0,
+                   help="train on only the first N batches (training accuracy should hit 100 %%)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="none")
+    p.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE",
+                   help="finish after PATIENCE logs without a better validation loss (0 = off)")
     p.add_argument("--grad-clip", type=float, default=0.0,
                    help="clip the gradient L2 norm to this (0 = off); steerable live")
     p.add_argument("--checkpoint-dir", default="checkpoints")
@@ -89,14 +106,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
         p.error("--max-steps must be at least 1")
-    if args.workers < 0:
-        p.error("--workers must be 0 or more")
+    for name in ("workers", "overfit_batches", "early_stopping"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
     _, errors = validate(args.optimizer, args.lr, args.weight_decay, args.dropout, args.grad_clip)
     if errors:
         p.error("; ".join(errors.values()))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     return args
+
+
+def init_scheme(value: str) -> str:
+    """argparse type for --init."""
+    if value in ("default", "kaiming", "xavier"):
+        return value
+    if value.startswith("normal:"):
+        try:
+            std = float(value.split(":", 1)[1])
+        except ValueError:
+            std = -1.0
+        if std > 0 and math.isfinite(std):
+            return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r}: use default, kaiming, xavier or normal:STD with STD > 0"
+    )
 
 
 class StopSignal:
@@ -144,14 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     try:
-        train_set, val_set, info = load_datasets(args.dataset, args.data_dir, seed=args.seed)
+        train_set, val_set, info = load_datasets(
+            args.dataset, args.data_dir, seed=args.seed, normalize=not args.no_normalize
+        )
         model = build_model(
             args.model, info.num_classes, info.in_channels, info.image_size,
             dropout=args.dropout / 100, pretrained=args.pretrained, transfer=args.transfer,
-        ).to(device)
+        )
+        initialize(model, args.init)
+        model.to(device)
     except (DatasetUnavailable, ModelUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.overfit_batches:  # seed 003: first make sure the model can learn a little
+        train_set = Subset(train_set, range(min(len(train_set),
+                                                args.overfit_batches * args.batch_size)))
     train_loader, val_loader = make_loaders(
         train_set, val_set, args.batch_size, args.workers, args.seed
     )
@@ -200,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     step, epoch, last_logged = 0, 1, -1
     stopping = paused = done = restarted = False
     doctor = Diagnostician(info.num_classes)
+    best_val, logs_since_best = math.inf, 0
     handled_rollback = 0
     interval_start, interval_samples = time.perf_counter(), 0
 
@@ -224,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         for table, rows in telemetry.items():
             writer.rows(table, rows)
         diagnose(train_loss, val_loss, telemetry["layer_statistics"])
+        early_stop(val_loss)
         bar.set_postfix(loss=f"{train_loss if train_loss is not None else val_loss:.4f}",
                         val=f"{val_loss:.4f}", lr=f"{learning_rate_in_force(optimizer):.2e}")
         last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
@@ -250,6 +293,19 @@ def main(argv: list[str] | None = None) -> int:
                          fix=finding.fix)
             if finding.code == "non_finite" and step > 0:
                 paused = True  # before the next update
+
+    def early_stop(val_loss: float) -> None:
+        """seed 002: stop when validation has not improved for --early-stopping logs."""
+        nonlocal best_val, logs_since_best, done
+        if val_loss < best_val:
+            best_val, logs_since_best = val_loss, 0
+            return
+        logs_since_best += 1
+        if args.early_stopping and logs_since_best >= args.early_stopping and not done:
+            done = True
+            writer.event("info", "early_stopped", f"validation loss has not improved on "
+                         f"{best_val:.4g} for {logs_since_best} logs: finishing at step {step}",
+                         step=step)
 
     def checkpoint(reason: str, wait: bool = False) -> None:
         ring.save(step, epoch, model, optimizer, {"run_id": run_id, "parameters": vars(params)},
@@ -372,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     done = False
                     continue
+                if args.lr_schedule != "none":
+                    factor = schedule_factor(args.lr_schedule, step, total)
+                    for group in optimizer.param_groups:
+                        group["lr"] = params.learning_rate * factor
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if params.grad_clip > 0:
