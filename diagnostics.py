@@ -18,6 +18,7 @@ What the rules assume of the records:
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -419,25 +420,27 @@ def rule_exploding_gradients(history: Sequence[StepRecord], num_classes: int) ->
 def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
     """Seed 002: validation loss rising while training loss falls -> stop early or regularise.
 
-    Over the last 6 logs with a validation loss, the median of the later half of validation
-    losses is > 10 % above the earlier half's while the training loss's fell. The fix raises
-    weight decay first (0 -> 1e-4, else x10, while below 1e-3: seed 002's usual L2 range),
-    then dropout by 20 points (up to 90 %).
+    Early stopping's own test: the validation loss (median of the last 3 logs) is > 10 %
+    above its best, reached at least 3 logs ago, while the training loss (median of the
+    last 3 logs) fell below its value at that best log. A slow climb counts as much as a
+    sudden one. The fix raises weight decay first (0 -> 1e-4, else x10, while below 1e-3:
+    seed 002's usual L2 range), then dropout by 20 points (up to 90 %).
     """
     window = [(r, r.validate_loss) for r in _trained(history) if r.validate_loss is not None]
-    window = window[-OVERFIT_LOGS:]
     if len(window) < OVERFIT_LOGS:
         return []
     val = [v for _, v in window]
     train = [r.train_loss for r, _ in window]
-    if not all(math.isfinite(x) for x in val + train):
+    if not all(math.isfinite(x) for x in val[-OVERFIT_LOGS:] + train[-OVERFIT_LOGS:]):
         return []
-    val_before, val_after = _halves(val)
-    train_before, train_after = _halves(train)
+    best_index = min(range(len(val)), key=lambda i: val[i] if math.isfinite(val[i]) else math.inf)
+    if best_index > len(val) - 1 - OVERFIT_LOGS // 2:
+        return []
+    val_before, val_after = val[best_index], statistics.median(val[-3:])
+    train_before, train_after = train[best_index], statistics.median(train[-3:])
     if val_after <= val_before * (1 + OVERFIT_RISE) or train_after >= train_before:
         return []
-    record = window[-1][0]
-    best_step = min((v, r.step) for r, v in window)[1]
+    best_step, record = window[best_index][0].step, window[-1][0]
     fix: dict[str, float | str] | None
     if record.weight_decay < OVERFIT_WEIGHT_DECAY_MAX:
         wd = (
@@ -456,9 +459,9 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
         f"checkpoint nearest step {best_step}, or regularise more: {change}"
     )
     message = (
-        f"validation loss rose {_g(100 * (val_after / val_before - 1))} % (median "
-        f"{_g(val_before)} -> {_g(val_after)}) while training loss fell from {_g(train_before)} "
-        f"to {_g(train_after)} over the last {OVERFIT_LOGS} logs"
+        f"validation loss rose {_g(100 * (val_after / val_before - 1))} % above its best "
+        f"({_g(val_before)} at step {best_step} -> {_g(val_after)}) while training loss fell "
+        f"from {_g(train_before)} to {_g(train_after)}"
     )
     return [Finding("overfitting", "warning", message, recommendation, fix)]
 

@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                 if stopping or restarted:
                     break
 
-                end_of_epoch = i == steps_per_epoch - 1
+                # A full validation ends each epoch, unless epochs are shorter than a log.
+                end_of_epoch = i == steps_per_epoch - 1 and steps_per_epoch >= args.log_every
                 done = step + 1 >= total
                 logging = (step + 1) % args.log_every == 0 or end_of_epoch or done
 

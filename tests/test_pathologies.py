@@ -1,0 +1,112 @@
+"""Each diagnostic, demonstrated: train a tiny model into the pathology and find the event.
+
+Real train.py subprocesses on the small offline datasets; the configurations are
+the README's "break it on purpose" recipes. A healthy default run raises nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ["--dataset", "digits", "--log-every", "5"]
+
+CASES = {
+    "initial_loss": [*DIGITS, "--init", "normal:1", "--max-steps", "5"],
+    "update_ratio_high": [*DIGITS, "--lr", "0.05", "--max-steps", "40"],
+    "dead_relu": [*DIGITS, "--lr", "0.05", "--max-steps", "30"],
+    "update_ratio_low": [*DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--max-steps", "40"],
+    "loss_flat": [*DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--max-steps", "70"],
+    "activation_std_low": [
+        *DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--init", "normal:0.001", "--max-steps", "40"
+    ],
+    "activation_std_high": [
+        *DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--init", "normal:1", "--max-steps", "40"
+    ],
+    "exploding_gradients": [*DIGITS, "--optimizer", "SGD", "--lr", "1.0", "--max-steps", "60"],
+    "overfitting": [
+        "--log-every", "5", "--overfit-batches", "1", "--dropout", "0", "--lr", "3e-3",
+        "--epochs", "1000", "--max-steps", "90",
+    ],
+}
+
+
+def train(tmp_path: Path, *args: str) -> sqlite3.Connection:
+    db = tmp_path / "run.db"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--db", f"sqlite:///{db}", "--no-progress",
+         "--checkpoint-dir", str(tmp_path / "checkpoints"), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return sqlite3.connect(db)
+
+
+def findings(conn: sqlite3.Connection) -> dict[str, tuple]:
+    rows = conn.execute(
+        "SELECT code, level, step, layer_name, message, recommendation, fix FROM events "
+        "WHERE level IN ('warning', 'error') ORDER BY event_id"
+    ).fetchall()
+    first: dict[str, tuple] = {}
+    for row in rows:
+        first.setdefault(row[0], row[1:])
+    return first
+
+
+@pytest.mark.parametrize("code", list(CASES))
+def test_pathology_is_found(tmp_path: Path, code: str) -> None:
+    conn = train(tmp_path, *CASES[code])
+    found = findings(conn)
+    assert code in found, f"{code} not raised; got {sorted(found)}"
+    level, _step, layer, message, recommendation, _fix = found[code]
+    assert level == "warning" and message and recommendation
+    if code.startswith(("update_ratio", "activation_std", "dead_relu", "exploding")):
+        assert layer and layer in message  # names the layer
+
+
+def test_loss_rising_after_a_bad_change_from_sql(tmp_path: Path) -> None:
+    """Steered into it the way a user would: lr 1.0 with plain SGD mid-run."""
+    db = tmp_path / "run.db"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--db", f"sqlite:///{db}", "--no-progress",
+         "--checkpoint-dir", str(tmp_path / "checkpoints"), *DIGITS, "--max-steps", "120"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        conn = None
+        while time.monotonic() < deadline:
+            try:
+                conn = conn or sqlite3.connect(db, timeout=10, isolation_level=None)
+                if (conn.execute("SELECT max(step) FROM statistics").fetchone()[0] or 0) >= 40:
+                    break
+            except sqlite3.OperationalError:
+                pass
+            time.sleep(0.05)
+        conn.execute("UPDATE parameters SET optimizer = 'SGD', learning_rate = 1.0 "
+                     "WHERE run_id = 1")
+        assert proc.wait(timeout=180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    found = findings(conn)
+    assert "loss_rising" in found, sorted(found)
+    _level, step, _layer, _message, recommendation, fix = found["loss_rising"]
+    applied = conn.execute("SELECT applied_step FROM parameters").fetchone()[0]
+    assert step > applied and "learning rate" in recommendation and "learning_rate" in fix
+
+
+def test_a_healthy_default_run_raises_nothing(tmp_path: Path) -> None:
+    conn = train(tmp_path, "--epochs", "3")  # the defaults: small CNN, mnist5k, Adam 3e-4
+    assert findings(conn) == {}
+    logged = conn.execute("SELECT count(*) FROM statistics").fetchone()[0]
+    assert logged >= 7  # step 0, every 50 steps and each epoch end: the rules had data
