@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -65,11 +65,13 @@ def evaluate(
     device: torch.device,
     max_batches: int | None = None,
     probe: LayerProbe | None = None,
+    between_batches: Callable[[], None] | None = None,
 ) -> tuple[float, float]:
     """(mean loss, accuracy %) over `max_batches` batches (all when None), in eval mode.
 
     The probe records activations on the first batch: the same images every
-    time, so histograms are comparable from one log to the next.
+    time, so histograms are comparable from one log to the next. `between_batches`
+    lets the trainer take a parameter change without waiting for the whole pass.
     """
     was_training = model.training
     model.eval()
@@ -88,6 +90,8 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(dim=1) == y).sum()
         samples += y.shape[0]
+        if between_batches is not None:
+            between_batches()
     model.train(was_training)
     n = max(samples, 1)
     return (loss_sum / n).item(), 100.0 * correct.item() / n

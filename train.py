@@ -243,21 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     doctor = Diagnostician(info.num_classes)
     best_val, logs_since_best = math.inf, 0
     handled_rollback = 0
+    deferred: ParameterState | None = None  # a version that must wait for the log to end
     interval_start, interval_samples = time.perf_counter(), 0
 
     def log(full_validation: bool) -> None:
         """One statistics row plus per-layer telemetry for the current step."""
         nonlocal last_logged, interval_start, interval_samples
         train_loss, train_acc = metrics.summary()
+        ran_with, lr = params, learning_rate_in_force(optimizer)  # what this step ran with
         val_loss, val_acc = evaluate(
             model, val_loader, device,
             max_batches=None if full_validation else args.val_batches, probe=probe,
+            between_batches=lambda: poll_control(during_log=True),
         )
         elapsed = time.perf_counter() - interval_start
         writer.statistics({
             "step": step, "epoch": epoch, "dt": now(),
-            "optimizer": params.optimizer, "learning_rate": learning_rate_in_force(optimizer),
-            "weight_decay": params.weight_decay, "dropout": params.dropout,
+            "optimizer": ran_with.optimizer, "learning_rate": lr,
+            "weight_decay": ran_with.weight_decay, "dropout": ran_with.dropout,
             "train_loss": train_loss, "train_accuracy": train_acc,
             "validate_loss": val_loss, "validate_accuracy": val_acc,
             "samples_per_second": interval_samples / elapsed if interval_samples else None,
@@ -265,21 +268,22 @@ def main(argv: list[str] | None = None) -> int:
         telemetry = probe.rows(step)
         for table, rows in telemetry.items():
             writer.rows(table, rows)
-        diagnose(train_loss, val_loss, telemetry["layer_statistics"])
+        diagnose(train_loss, val_loss, telemetry["layer_statistics"], ran_with, lr)
         early_stop(val_loss)
         bar.set_postfix(loss=f"{train_loss if train_loss is not None else val_loss:.4f}",
                         val=f"{val_loss:.4f}", lr=f"{learning_rate_in_force(optimizer):.2e}")
         last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
 
     def diagnose(
-        train_loss: float | None, val_loss: float, layers: list[dict[str, Any]]
+        train_loss: float | None, val_loss: float, layers: list[dict[str, Any]],
+        ran_with: Hyperparameters, lr: float,
     ) -> None:
         """Run the health rules on this log; a non-finite value pauses the run."""
         nonlocal paused
         record = StepRecord(
             step=step, train_loss=_float(train_loss), validate_loss=val_loss,
-            learning_rate=learning_rate_in_force(optimizer), optimizer=params.optimizer,
-            weight_decay=params.weight_decay, dropout=params.dropout,
+            learning_rate=lr, optimizer=ran_with.optimizer,
+            weight_decay=ran_with.weight_decay, dropout=ran_with.dropout,
             layers=tuple(LayerRecord(
                 name=r["layer_name"], act_mean=_float(r["act_mean"]),
                 act_std=_float(r["act_std"]), zero_fraction=_float(r["zero_fraction"]),
@@ -381,13 +385,31 @@ def main(argv: list[str] | None = None) -> int:
                          step=step, version=state.version)
         params = new or params
 
+    def poll_control(during_log: bool = False) -> None:
+        """Adopt a new version if one has arrived.
+
+        Called at each step boundary and between validation batches, which sit at
+        the same boundary: a change waits for one batch, not for a whole log. A
+        rollback (and anything after it) waits for the log to finish.
+        """
+        nonlocal deferred
+        if not during_log and deferred is not None:
+            state, deferred = deferred, None
+            adopt(state)
+        if not listener.changed.is_set() or (state := listener.take()) is None:
+            return
+        if during_log and (deferred is not None or state.rollback_request > handled_rollback):
+            deferred = state
+            return
+        adopt(state)
+
     def wait_while_paused() -> None:
         """Keep the process alive and listening (the writer keeps the heartbeat)."""
         writer.status("paused")
         bar.set_postfix_str("paused: waiting for new parameters from the board")
         while paused and not stopping and not stop.requested.is_set():
-            if listener.changed.wait(0.2) and (state := listener.take()):
-                adopt(state)
+            listener.changed.wait(0.2)
+            poll_control()
         if not stopping and not stop.requested.is_set():
             writer.status("running")
 
@@ -401,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_description(f"epoch {epoch}/{args.epochs}")
             restarted = False
             for i, (x, y) in enumerate(train_loader):
-                if listener.changed.is_set() and (state := listener.take()):
-                    adopt(state)
+                poll_control()
                 if paused:
                     wait_while_paused()
                 stopping = stopping or stop.requested.is_set()
