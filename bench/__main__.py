@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.control_latency", "bench.board_refresh")
+BENCHMARKS = ("bench.overhead", "bench.control_latency", "bench.ingest", "bench.board_refresh")
 
 
 def main() -> int:
