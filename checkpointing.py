@@ -83,7 +83,8 @@ class CheckpointRing:
             "optimizer_class": type(optimizer).__name__,
             **extra,
         }
-        checkpoint = Checkpoint(step, epoch, self.directory / f"step_{step:09d}.pt", reason)
+        path = (self.directory / f"step_{step:09d}.pt").resolve()
+        checkpoint = Checkpoint(step, epoch, path, reason)
         self._writing = threading.Thread(
             target=self._write, args=(checkpoint, state), name="checkpoint", daemon=True
         )
@@ -117,6 +118,21 @@ class CheckpointRing:
             old.path.unlink(missing_ok=True)
             if self.on_removed:
                 self.on_removed(old)
+
+    def seed(self, rows: list[dict[str, Any]]) -> None:
+        """Take over the checkpoints a previous process of the run left (resume)."""
+        with self._lock:
+            for row in rows:
+                path = Path(row["path"])
+                if path.exists():
+                    self._ring.append(
+                        (Checkpoint(row["step"], row["epoch"], path, row["reason"]), row["bytes"])
+                    )
+            self._ring.sort(key=lambda cb: cb[0].step)
+
+    @staticmethod
+    def from_row(row: dict[str, Any]) -> Checkpoint:
+        return Checkpoint(row["step"], row["epoch"], Path(row["path"]), row["reason"])
 
     def newest_at_or_before(self, step: int) -> Checkpoint | None:
         self.flush()

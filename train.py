@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from checkpointing import CheckpointRing
+from checkpointing import Checkpoint, CheckpointRing
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
 from db.store import ParameterState, Store, describe_url, now, resolve_url
@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db", default=None, help="SQLAlchemy URL (default: $DATABASE_URL, "
                    "else sqlite:///training.db)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (for logs)")
+    p.add_argument("--resume", type=int, metavar="RUN_ID", default=None,
+                   help="continue this run from its latest checkpoint, with its options")
     args = p.parse_args(argv)
 
     for name in ("epochs", "batch_size", "log_every", "val_batches", "checkpoint_every",
@@ -169,8 +171,29 @@ def describe_change(old: Hyperparameters, new: Hyperparameters) -> str:
     return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "no value changed"
 
 
+# Options a resumed run may change; everything else comes from the run's own config.
+RESUMABLE_OVERRIDES = ("db", "resume", "no_progress", "epochs", "max_steps", "device",
+                       "workers", "checkpoint_dir")
+
+
+def resume_options(args: argparse.Namespace, store: Store) -> argparse.Namespace:
+    """The resumed run's options, with the overrides given on this command line."""
+    run = store.get_run(args.resume)
+    if run is None:
+        raise SystemExit(f"error: there is no run {args.resume} in {describe_url(store.url)}")
+    defaults = vars(parse_args([]))
+    given = {k: v for k, v in vars(args).items() if k in RESUMABLE_OVERRIDES
+             and v != defaults.get(k)}
+    saved = {k: v for k, v in run["config"].items() if k in defaults}
+    return argparse.Namespace(**(defaults | saved | given))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    store = None
+    if args.resume is not None:
+        store = Store(resolve_url(args.db))
+        args = resume_options(args, store)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     params = Hyperparameters(
@@ -202,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress()
 
     url = resolve_url(args.db)
-    store = Store(url)
+    store = store or Store(url)
     config = vars(args) | {
         "db": describe_url(url),
         "num_classes": info.num_classes,
@@ -219,10 +242,26 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    run_name = args.run_name or f"{args.model}-{info.name}-{now():%Y%m%d-%H%M%S}"
-    run_id = store.create_run(run_name, args.model, info.name, config, params)
+    if args.resume is None:
+        run_name = args.run_name or f"{args.model}-{info.name}-{now():%Y%m%d-%H%M%S}"
+        run_id = store.create_run(run_name, args.model, info.name, config, params)
+        seen_version, handled_rollback, resumed = 1, 0, None
+    else:
+        run_id, run_name = args.resume, store.get_run(args.resume)["name"]
+        latest = store.latest_checkpoint(run_id)
+        if latest is None:
+            print(f"error: run {run_id} has no checkpoint to resume from", file=sys.stderr)
+            return 1
+        resumed = CheckpointRing.from_row(latest)
+        # The parameters row is honoured as it stands, except a stop or pause left
+        # from before: resuming is asking the run to go on.
+        state = store.get_parameters(run_id)
+        if state.stop_train or state.pause_train:
+            store.submit_parameters(run_id, stop_train=False, pause_train=False)
+        store.reopen_run(run_id)
+        seen_version, handled_rollback = 0, state.rollback_request  # adopt the row now
     writer = BackgroundWriter(store, run_id)
-    listener = ParameterListener(store, run_id, seen_version=1)
+    listener = ParameterListener(store, run_id, seen_version=seen_version)
     sampler = SystemSampler(writer, progress, device)
     ring = CheckpointRing(
         Path(args.checkpoint_dir) / f"run_{run_id}", keep=args.checkpoint_keep,
@@ -233,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop = StopSignal()
     print(f"run {run_id} '{run_name}' on {device}, database {describe_url(url)}", file=sys.stderr)
-    writer.event("info", "run_started", f"run {run_id} started: {args.model} on {info.name}, "
-                 f"{device}, {describe(params)}", step=0)
 
     steps_per_epoch = len(train_loader)
     total = min(args.epochs * steps_per_epoch, args.max_steps or sys.maxsize)
@@ -242,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     stopping = paused = done = restarted = False
     doctor = Diagnostician(info.num_classes)
     best_val, logs_since_best = math.inf, 0
-    handled_rollback = 0
     deferred: ParameterState | None = None  # a version that must wait for the log to end
     interval_start, interval_samples = time.perf_counter(), 0
 
@@ -317,12 +353,22 @@ def main(argv: list[str] | None = None) -> int:
 
     def roll_back(target: int) -> int | None:
         """Restore the newest checkpoint at or before `target`; the step restored."""
-        nonlocal optimizer, params, step, epoch, last_logged, restarted
+        nonlocal restarted
         found = ring.newest_at_or_before(target)
         if found is None:
             writer.event("warning", "rollback_unavailable",
                          f"no checkpoint at or before step {target} to roll back to", step=step)
             return None
+        writer.event("info", "rolled_back", f"rolled back from step {step} to the checkpoint "
+                     f"of step {found.step}; steps after it are kept as an abandoned branch",
+                     step=found.step)
+        restore(found)
+        restarted = True
+        return found.step
+
+    def restore(found: Checkpoint) -> None:
+        """Load a checkpoint into the live model and optimizer; later rows become a branch."""
+        nonlocal optimizer, params, step, epoch, last_logged
         state = ring.load(found, device)
         model.load_state_dict(state["model"])
         restored = Hyperparameters(**state["parameters"])
@@ -333,14 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         set_dropout(model, restored.dropout / 100)
         writer.rollback(found.step)
         ring.forget_after(found.step)
-        writer.event("info", "rolled_back", f"rolled back from step {step} to the checkpoint "
-                     f"of step {found.step}; steps after it are kept as an abandoned branch",
-                     step=found.step)
         params, step, epoch, last_logged = restored, found.step, found.epoch, found.step
+        progress.step = step
         metrics.reset()
         bar.n = step
-        restarted = True
-        return found.step
 
     def adopt(state: ParameterState) -> None:
         """Apply a new parameters version at this step boundary.
@@ -415,9 +457,20 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True)
     try:
-        writer.rows("model_layers", model_table(model, next(iter(val_loader))[0].to(device)))
-        log(full_validation=False)  # step 0: the untrained model, the initial loss
-        checkpoint("initial")
+        if resumed is None:
+            writer.event("info", "run_started", f"run {run_id} started: {args.model} on "
+                         f"{info.name}, {device}, {describe(params)}", step=0)
+            writer.rows("model_layers",
+                        model_table(model, next(iter(val_loader))[0].to(device)))
+            log(full_validation=False)  # step 0: the untrained model, the initial loss
+            checkpoint("initial")
+        else:
+            ring.seed(store.checkpoints(run_id))
+            interrupted_at = store.last_logged_step(run_id)
+            restore(resumed)
+            writer.event("info", "run_resumed", f"run {run_id} resumed from its checkpoint of "
+                         f"step {step} (it had logged up to step {interrupted_at}); steps after "
+                         "the checkpoint are kept as an abandoned branch", step=step)
         model.train()
         while epoch <= args.epochs and not (stopping or done):
             bar.set_description(f"epoch {epoch}/{args.epochs}")

@@ -231,6 +231,33 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
+    def reopen_run(self, run_id: int) -> None:
+        """A resumed run is running again."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(s.runs)
+                .where(s.runs.c.run_id == run_id)
+                .values(status="running", dt_heartbeat=now(), dt_ended=None)
+            )
+
+    def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's checkpoints on record, oldest first."""
+        c = s.checkpoints
+        query = select(c).where(c.c.run_id == run_id).order_by(c.c.step)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def latest_checkpoint(self, run_id: int) -> dict[str, Any] | None:
+        found = self.checkpoints(run_id)
+        return found[-1] if found else None
+
+    def last_logged_step(self, run_id: int) -> int | None:
+        st = s.statistics
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(func.max(st.c.step)).where(st.c.run_id == run_id)
+            ).scalar_one()
+
     def set_status(self, run_id: int, status: str, ended: bool = False) -> None:
         values: dict[str, Any] = {"status": status, "dt_heartbeat": now()}
         if ended:

@@ -336,3 +336,50 @@ def test_non_finite_loss_pauses_and_a_rollback_recovers(tmp_path: Path, sqlite_u
         assert proc.wait(timeout=60) == 0
     assert sql.one("SELECT count(*) FROM abandoned_statistics WHERE rolled_back_to = 10")[0] > 0
     sql.close()
+
+
+def test_resume_after_kill_9_continues_the_same_run(tmp_path: Path, db_url: str) -> None:
+    with trainer(tmp_path, db_url, "--checkpoint-every", "20") as proc:
+        sql = wait_for("the database", lambda: SqlClient(db_url), timeout=30)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
+        wait_for("a checkpoint past step 20", lambda: (sql.one(
+            "SELECT max(step) FROM checkpoints WHERE run_id = ?", (run_id,))[0] or 0) >= 20)
+        sql.execute("UPDATE parameters SET learning_rate = 0.0005 WHERE run_id = ?", (run_id,))
+        wait_for("the change", lambda: sql.one(
+            "SELECT applied_version FROM parameters WHERE run_id = ?", (run_id,))[0] == 2)
+        wait_for("logs after the last checkpoint", lambda: max_step(sql, run_id) > sql.one(
+            "SELECT max(step) FROM checkpoints WHERE run_id = ?", (run_id,))[0] + 5)
+        proc.kill()  # SIGKILL: no goodbye, status stays 'running' with a stale heartbeat
+        proc.wait()
+    assert run_status(sql, run_id) == "running"
+    killed_at = max_step(sql, run_id)
+    (checkpoint_step,) = sql.one("SELECT max(step) FROM checkpoints WHERE run_id = ?", (run_id,))
+    sql.execute("UPDATE parameters SET dropout = 30 WHERE run_id = ?", (run_id,))  # meanwhile
+
+    with trainer(tmp_path, db_url, "--resume", str(run_id)) as proc:
+        wait_for("logs after the resume", lambda: sql.one(
+            "SELECT count(*) FROM statistics WHERE run_id = ? AND step > ? AND dropout = 30",
+            (run_id, checkpoint_step))[0] >= 2)
+        assert run_status(sql, run_id) == "running"
+        sql.execute("UPDATE parameters SET stop_train = TRUE WHERE run_id = ?", (run_id,))
+        assert proc.wait(timeout=60) == 0
+
+    assert sql.one("SELECT count(*) FROM runs")[0] == 1  # the same run, not a new one
+    assert run_status(sql, run_id) == "stopped"
+    steps = [s for s, _ in statistics(sql, run_id)]
+    assert steps == sorted(set(steps))  # one row per step
+    assert all(lr == 0.0005 for s, lr in statistics(sql, run_id) if s > checkpoint_step)
+    cut = sql.one("SELECT min(step), max(step) FROM abandoned_statistics WHERE run_id = ?",
+                  (run_id,))
+    assert cut[0] > checkpoint_step and cut[1] == killed_at
+    codes = [c for (c,) in sql.rows("SELECT code FROM events WHERE run_id = ?", (run_id,))]
+    assert "run_resumed" in codes
+    sql.close()
+
+
+def test_resume_of_an_unknown_run_fails_clearly(tmp_path: Path, sqlite_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--db", sqlite_url, "--resume", "42"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "no run 42" in result.stderr
