@@ -24,6 +24,7 @@ from torch import nn
 from models import MonitoredLayer, monitored_layers
 
 HISTOGRAM_BINS = 40
+HISTOGRAM_SAMPLE = 65_536  # values binned per tensor; the range still comes from all of them
 NONLINEARITIES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Softplus,
@@ -109,7 +110,12 @@ def _finite_range(x: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
 
 
 def histograms(tensors: list[torch.Tensor], bins: int) -> list[tuple[list[float], list[int]]]:
-    """(bin edges, counts) for each tensor, with two device synchronisations in all."""
+    """(bin edges, counts) for each tensor, with two device synchronisations in all.
+
+    Large tensors are binned from an even stride of HISTOGRAM_SAMPLE values (the
+    shape of a distribution needs no more); the edges span the full tensor's range,
+    so an outlier still widens the plot.
+    """
     if not tensors:
         return []
     flat = [t.detach().float().flatten() for t in tensors]
@@ -119,7 +125,8 @@ def histograms(tensors: list[torch.Tensor], bins: int) -> list[tuple[list[float]
         lo, hi = _finite_range(x, lo, hi)
         width = (hi - lo) / bins
         edges.append([lo + i * width for i in range(bins + 1)])
-        counts.append(torch.histc(x, bins=bins, min=lo, max=hi))
+        sample = x[:: max(1, x.numel() // HISTOGRAM_SAMPLE)]
+        counts.append(torch.histc(sample, bins=bins, min=lo, max=hi))
     return [
         (e, [int(c) for c in row])
         for e, row in zip(edges, torch.stack(counts).tolist(), strict=True)
