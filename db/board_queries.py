@@ -7,6 +7,7 @@ the same on a 50,000-step run as on a fresh one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Engine, func, select
@@ -155,3 +156,157 @@ class BoardQueries:
                       t.c.number)
         )
         return _rows(self.engine, query)
+
+    # -- issue 4: layer insight, system figures, alerts, checkpoints, rollbacks ----------
+
+    def monitored_layers(self, run_id: int) -> list[str]:
+        """The run's conv/fc layers in forward order (the layer picker's options); runs
+        without a model table fall back to the layers of their newest logged step."""
+        m = s.model_layers
+        query = (
+            select(m.c.layer_name)
+            .where(m.c.run_id == run_id, m.c.monitored)
+            .order_by(m.c.position)
+        )
+        with self.engine.connect() as conn:
+            names = list(conn.execute(query).scalars())
+            if names:
+                return names
+            t = s.layer_statistics
+            latest = select(func.max(t.c.step)).where(t.c.run_id == run_id).scalar_subquery()
+            query = select(t.c.layer_name).where(t.c.run_id == run_id, t.c.step == latest)
+            return sorted(conn.execute(query).scalars())
+
+    def step_window_start(self, run_id: int, window: int) -> int:
+        """The step just before the newest `window` logged steps (-1 if there are fewer),
+        so a first load of the layer charts reads a bounded tail of a long run."""
+        t = s.statistics
+        query = (
+            select(t.c.step)
+            .where(t.c.run_id == run_id)
+            .order_by(t.c.step.desc())
+            .offset(window)
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            step = conn.execute(query).scalar()
+        return -1 if step is None else int(step)
+
+    def layer_points(
+        self, run_id: int, layers: Sequence[str], after_step: int = -1,
+        limit: int = REFRESH_ROWS,
+    ) -> list[dict[str, Any]]:
+        """Per-layer statistics of `layers` after `after_step`, oldest step first."""
+        t = s.layer_statistics
+        query = (
+            select(t.c.step, t.c.layer_name, t.c.act_mean, t.c.act_std, t.c.grad_norm,
+                   t.c.update_ratio)
+            .where(t.c.run_id == run_id, t.c.step > after_step,
+                   t.c.layer_name.in_(list(layers)))
+            .order_by(t.c.step, t.c.layer_name)
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def learning_rates(
+        self, run_id: int, after_step: int = -1, limit: int = REFRESH_ROWS
+    ) -> list[tuple[int, float]]:
+        """(step, learning rate in force), oldest first."""
+        t = s.statistics
+        query = (
+            select(t.c.step, t.c.learning_rate)
+            .where(t.c.run_id == run_id, t.c.step > after_step)
+            .order_by(t.c.step)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(row[0], row[1]) for row in conn.execute(query)]
+
+    def latest_histogram_step(self, run_id: int, layer: str) -> int | None:
+        t = s.layer_histograms
+        query = select(func.max(t.c.step)).where(t.c.run_id == run_id, t.c.layer_name == layer)
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar()
+
+    def layer_histograms_at(self, run_id: int, layer: str, step: int) -> dict[str, dict]:
+        """{'weight': row, 'update': row} of one layer at one step (either may be missing)."""
+        t = s.layer_histograms
+        query = select(t.c.kind, t.c.bin_edges, t.c.counts).where(
+            t.c.run_id == run_id, t.c.step == step, t.c.layer_name == layer
+        )
+        return {row["kind"]: row for row in _rows(self.engine, query)}
+
+    def model_table(self, run_id: int) -> list[dict[str, Any]]:
+        m = s.model_layers
+        return _rows(self.engine, select(m).where(m.c.run_id == run_id).order_by(m.c.position))
+
+    def system_points(
+        self, run_id: int, after_sample: int = 0, limit: int = REFRESH_ROWS
+    ) -> list[dict[str, Any]]:
+        """System samples after `after_sample` (sample_id), oldest first."""
+        t = s.system_metrics
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.sample_id > after_sample)
+            .order_by(t.c.sample_id)
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def last_system_sample(self, run_id: int, before: int) -> int:
+        """The sample_id just before the newest `before` samples (0 if there are fewer)."""
+        t = s.system_metrics
+        query = (
+            select(t.c.sample_id)
+            .where(t.c.run_id == run_id)
+            .order_by(t.c.sample_id.desc())
+            .offset(before)
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).scalar() or 0
+
+    def alerts(
+        self, run_id: int, after_event_id: int = 0, limit: int = HISTORY_LIMIT
+    ) -> list[dict[str, Any]]:
+        """Warning and error events after `after_event_id`, newest first."""
+        t = s.events
+        query = (
+            select(t)
+            .where(t.c.run_id == run_id, t.c.event_id > after_event_id,
+                   t.c.level.in_(("warning", "error")))
+            .order_by(t.c.event_id.desc())
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def event(self, run_id: int, event_id: int) -> dict[str, Any] | None:
+        t = s.events
+        rows = _rows(self.engine, select(t).where(t.c.run_id == run_id, t.c.event_id == event_id))
+        return rows[0] if rows else None
+
+    def checkpoints(self, run_id: int, limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+        """Steps the run can be rolled back to, newest first."""
+        c = s.checkpoints
+        query = (
+            select(c.c.step, c.c.epoch, c.c.reason, c.c.dt)
+            .where(c.c.run_id == run_id)
+            .order_by(c.c.step.desc())
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def abandoned_points(
+        self, run_id: int, limit: int = CURVE_ROWS_LIMIT
+    ) -> list[tuple[Any, ...]]:
+        """(branch, step, train_loss, validate_loss, train_accuracy, validate_accuracy) of
+        every branch a rollback cut off, by branch then step."""
+        t = s.abandoned_statistics
+        query = (
+            select(t.c.branch, t.c.step, *(t.c[name] for name in CURVE_COLUMNS))
+            .where(t.c.run_id == run_id)
+            .order_by(t.c.branch, t.c.step)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(query)]

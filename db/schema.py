@@ -98,6 +98,15 @@ def _timestamp(name: str, nullable: bool = False, **kw: Any) -> Column:
     return Column(name, UTCDateTime(), nullable=nullable, server_default=UtcNow(), **kw)
 
 
+def _layer_step_key() -> tuple[Column, Column, Column]:
+    """The key of the per-layer telemetry tables: one row per run, logged step and layer."""
+    return (
+        Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+        Column("step", Integer, primary_key=True),
+        Column("layer_name", Text, primary_key=True),
+    )
+
+
 def _run_fk() -> Column:
     return Column(
         "run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False
@@ -200,9 +209,7 @@ statistics = Table(
 activations = Table(
     "activations",
     metadata,
-    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
-    Column("step", Integer, primary_key=True),
-    Column("layer_name", Text, primary_key=True),
+    *_layer_step_key(),
     Column("nn_part", Text, nullable=False),
     Column("layer_type", Text, nullable=False),
     Column("number", Integer, nullable=False),
@@ -241,9 +248,7 @@ checkpoints = Table(
 layer_statistics = Table(
     "layer_statistics",
     metadata,
-    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
-    Column("step", Integer, primary_key=True),
-    Column("layer_name", Text, primary_key=True),
+    *_layer_step_key(),
     # The layer's activation after its nonlinearity, on the first validation batch.
     Column("act_mean", Double),
     Column("act_std", Double),
@@ -259,9 +264,7 @@ layer_statistics = Table(
 layer_histograms = Table(
     "layer_histograms",
     metadata,
-    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
-    Column("step", Integer, primary_key=True),
-    Column("layer_name", Text, primary_key=True),
+    *_layer_step_key(),
     Column("kind", Text, primary_key=True),
     Column("bin_edges", FloatList, nullable=False),
     Column("counts", IntList, nullable=False),

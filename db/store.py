@@ -74,6 +74,19 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def event_row(
+    level: str,
+    code: str,
+    message: str,
+    step: int | None = None,
+    version: int | None = None,
+    **details: Any,
+) -> dict[str, Any]:
+    """An `events` row; details: layer_name, recommendation, fix."""
+    return {"level": level, "code": code, "message": message, "step": step, "dt": now(),
+            "version": version, **details}
+
+
 @dataclass(frozen=True)
 class ParameterState:
     """One `parameters` row: the desired state of a run and what the trainer applied.
@@ -425,18 +438,8 @@ class Store:
         for table in (s.activations, s.layer_statistics, s.layer_histograms):
             conn.execute(delete(table).where(table.c.run_id == run_id, table.c.step > step))
 
-    def add_event(
-        self,
-        run_id: int,
-        level: str,
-        code: str,
-        message: str,
-        step: int | None = None,
-        version: int | None = None,
-    ) -> None:
-        row = {"level": level, "code": code, "message": message, "step": step, "dt": now(),
-               "version": version}
-        self.write_batch(run_id, Batch(events=[row]))
+    def add_event(self, run_id: int, level: str, code: str, message: str, **details: Any) -> None:
+        self.write_batch(run_id, Batch(events=[event_row(level, code, message, **details)]))
 
     # -- reads for the board and tests ---------------------------------------
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import DataError, IntegrityError
 
-from db.store import ROW_TABLES, Batch, Store, now
+from db.store import ROW_TABLES, Batch, Store, event_row, now
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,9 @@ class BackgroundWriter:
             raise ValueError(f"not a row table: {table}")
         self._queue.put((table, rows))
 
-    def event(
-        self,
-        level: str,
-        code: str,
-        message: str,
-        step: int | None = None,
-        version: int | None = None,
-        **details: Any,
-    ) -> None:
-        """details: layer_name, recommendation, fix (see the events table)."""
-        row = {"level": level, "code": code, "message": message, "step": step, "dt": now(),
-               "version": version, **details}
-        self._queue.put(("events", [row]))
+    def event(self, level: str, code: str, message: str, **details: Any) -> None:
+        """details: step, version, layer_name, recommendation, fix (see the events table)."""
+        self._queue.put(("events", [event_row(level, code, message, **details)]))
 
     def acknowledge(self, change: dict[str, Any]) -> None:
         """A parameters version was adopted: history row plus applied_* on the parameters row."""

@@ -655,5 +655,5 @@ def test_overfitting_catches_a_slow_climb() -> None:
     run = healthy_run(len(val) + 1)
     set_records(run, train_loss=train, validate_loss=val)
     assert only(run, "overfitting").fix == {"weight_decay": 1e-4}
-    set_records(run, train_loss=train, validate_loss=val[:9] + [1.0, 1.0, 1.0])
+    set_records(run, train_loss=train, validate_loss=[*val[:9], 1.0, 1.0, 1.0])
     assert found(run, "overfitting") == []
