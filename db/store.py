@@ -150,6 +150,12 @@ class Batch:
         )
 
 
+def _uniform(run_id: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One executemany needs the same keys in every row: absent ones become NULL."""
+    keys = set().union(*rows)
+    return [{"run_id": run_id} | {k: r.get(k) for k in keys} for r in rows]
+
+
 # Batch fields written as plain inserts, in an order that respects foreign keys.
 ROW_TABLES = {
     t.name: t
@@ -393,11 +399,10 @@ class Store:
                 )
             for name, table in ROW_TABLES.items():
                 if rows := getattr(batch, name):
-                    conn.execute(insert(table), [{"run_id": run_id, **r} for r in rows])
+                    conn.execute(insert(table), _uniform(run_id, rows))
             if batch.acknowledgements:
                 conn.execute(
-                    insert(s.parameter_changes),
-                    [{"run_id": run_id, **a} for a in batch.acknowledgements],
+                    insert(s.parameter_changes), _uniform(run_id, batch.acknowledgements)
                 )
                 last = max(batch.acknowledgements, key=lambda a: a["version"])
                 p = s.parameters

@@ -13,13 +13,18 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from db.store import ROW_TABLES, Batch, Store, event_row, now
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
+# Errors that mean "not now" (server down, connection lost, SQLite locked, pool
+# exhausted): the batch is kept and retried. Anything else is a row the database
+# refuses; it is isolated and dropped so that it cannot block the rest.
+UNREACHABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
 class BackgroundWriter:
@@ -146,30 +151,50 @@ class BackgroundWriter:
         batch = self._pending
         try:
             self.store.write_batch(self.run_id, batch)
-        except (IntegrityError, DataError):  # a bad row, not a bad connection
-            self._write_one_by_one(batch)
-        except Exception as exc:  # the database is down or busy: keep the rows
+        except UNREACHABLE as exc:  # down, restarting or locked: keep the rows, retry
             self.failures += 1
             log.warning("database write failed (%s rows kept for retry): %s", len(batch), exc)
             return False
-        else:
-            self.rows_written += len(batch)
+        except Exception:  # the database refused something in the batch
+            return self._write_one_by_one(batch)
+        self.rows_written += len(batch)
         self._pending = Batch()
         return True
 
-    def _write_one_by_one(self, batch: Batch) -> None:
+    def _write_one_by_one(self, batch: Batch) -> bool:
         """Isolate the rows the database refuses so that one cannot block the rest."""
         singles = [Batch(abandon_after=batch.abandon_after)]
         singles += [Batch(**{name: [r]}) for name in ROW_TABLES for r in getattr(batch, name)]
         singles += [Batch(removed_checkpoints=[s]) for s in batch.removed_checkpoints]
         singles += [Batch(acknowledgements=[r]) for r in batch.acknowledgements]
         singles.append(Batch(heartbeat=batch.heartbeat, status=batch.status, ended=batch.ended))
-        for single in singles:
-            if not len(single):
-                continue
+        singles = [single for single in singles if len(single)]
+        for i, single in enumerate(singles):
             try:
                 self.store.write_batch(self.run_id, single)
                 self.rows_written += len(single)
-            except (IntegrityError, DataError) as exc:
+            except UNREACHABLE as exc:  # lost the database halfway: keep the rest
+                self.failures += 1
+                log.warning("database write failed, rows kept for retry: %s", exc)
+                self._pending = _merge(singles[i:])
+                return False
+            except Exception as exc:
                 self.rows_dropped += len(single)
                 log.error("the database refused a row, dropped: %s", exc)
+        self._pending = Batch()
+        return True
+
+
+def _merge(batches: list[Batch]) -> Batch:
+    merged = Batch()
+    for b in batches:
+        for name in ROW_TABLES:
+            getattr(merged, name).extend(getattr(b, name))
+        merged.removed_checkpoints.extend(b.removed_checkpoints)
+        merged.acknowledgements.extend(b.acknowledgements)
+        merged.abandon_after = b.abandon_after if b.abandon_after is not None else (
+            merged.abandon_after)
+        merged.heartbeat = b.heartbeat or merged.heartbeat
+        merged.status = b.status or merged.status
+        merged.ended = b.ended or merged.ended
+    return merged

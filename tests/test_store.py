@@ -326,3 +326,17 @@ def test_pause_grad_clip_and_rollback_requests(store: Store) -> None:
         store.submit_parameters(run_id, grad_clip=-1)
     raw_update(store, "UPDATE parameters SET pause_train = FALSE WHERE run_id = :r", r=run_id)
     assert store.get_parameters(run_id).version == 5  # versioned by the trigger
+
+
+def test_events_with_and_without_details_land_in_one_batch(store: Store) -> None:
+    run_id = new_run(store)
+    writer = BackgroundWriter(store, run_id)
+    writer.event("info", "plain", "no details", step=1)
+    writer.event("warning", "dead_relu", "layer fc: 80 % dead", step=1, layer_name="fc",
+                 recommendation="lower the lr", fix={"learning_rate": 3e-5})
+    writer.event("info", "plain", "again", step=2)
+    assert writer.close()
+    assert writer.rows_dropped == 0
+    rows = store.events(run_id)
+    assert [r["code"] for r in rows] == ["plain", "dead_relu", "plain"]
+    assert rows[1]["fix"] == {"learning_rate": 3e-5} and rows[0]["layer_name"] is None
