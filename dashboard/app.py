@@ -10,9 +10,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from dashboard import (
     callbacks_activations,
+    callbacks_alerts,
     callbacks_controls,
     callbacks_curves,
     callbacks_history,
+    callbacks_insight,
+    callbacks_recovery,
     callbacks_runs,
 )
 from dashboard.context import BoardContext
@@ -47,6 +50,7 @@ def create_app(ctx: BoardContext) -> Dash:
     )
     app.layout = page(callbacks_runs.start_command(ctx))
     for concern in (callbacks_runs, callbacks_controls, callbacks_curves, callbacks_history,
-                    callbacks_activations):
+                    callbacks_activations, callbacks_alerts, callbacks_recovery,
+                    callbacks_insight):
         concern.register(app, ctx)
     return app

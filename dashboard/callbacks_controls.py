@@ -1,7 +1,9 @@
 """Steering: the parameter fields, their validation, submit, stop, and the apply status.
 
 Every value goes through hyperparams.validate() before anything is written, the
-same rules the database's CHECK constraints and the trainer enforce.
+same rules the database's CHECK constraints and the trainer enforce. While a run
+is paused (by the user or by itself on a NaN) a submit keeps it paused: the new
+values take effect when it resumes or rolls back.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class FieldValues:
     learning_rate: str | None
     weight_decay: str | None
     dropout: str | None
+    grad_clip: str | None
+
+
+NO_VALUES = FieldValues(None, None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,11 @@ def sync_fields(
     """Load the run's current parameters when the run changes or someone (another tab, a
     SQL client) wrote a new version; otherwise leave what the user is typing alone."""
     if run_id is None:
-        return FieldSync(FieldValues(None, None, None, None), None, True)
+        return FieldSync(NO_VALUES, None, True)
     run = ctx.queries.run(run_id)
     params = ctx.store.get_parameters(run_id)
     if run is None or params is None:
-        return FieldSync(FieldValues(None, None, None, None), None, True)
+        return FieldSync(NO_VALUES, None, True)
     disabled = not is_live(effective_status(run, now or utc_now()))
     state = {"run_id": run_id, "version": params.version}
     if loaded == state:
@@ -59,14 +65,17 @@ def sync_fields(
         format_number(params.learning_rate),
         format_number(params.weight_decay),
         str(params.dropout),
+        format_number(params.grad_clip),
     )
     return FieldSync(values, state, disabled)
 
 
-def field_errors(optimizer: Any, lr: Any, wd: Any, dropout: Any) -> dict[str, str]:
+def field_errors(
+    optimizer: Any, lr: Any, wd: Any, dropout: Any, grad_clip: Any = None
+) -> dict[str, str]:
     """validate()'s message per bad field; fields not loaded yet (None) are not judged."""
-    _, errors = validate(optimizer, lr, wd, dropout)
-    given = dict(zip(FIELDS, (optimizer, lr, wd, dropout), strict=True))
+    _, errors = validate(optimizer, lr, wd, dropout, grad_clip)
+    given = dict(zip(FIELDS, (optimizer, lr, wd, dropout, grad_clip), strict=True))
     return {name: message for name, message in errors.items() if given.get(name) is not None}
 
 
@@ -89,48 +98,60 @@ def slider_to_lr(position: float, typed: Any) -> str | None:
     return f"{10 ** position:.3g}"
 
 
-def _refusal(run_id: int | None, kind: str, reason: str) -> dict[str, Any]:
+def refusal(run_id: int | None, kind: str, reason: str) -> dict[str, Any]:
+    """A submission that wrote nothing, and why (the apply status shows it)."""
     return {"run_id": run_id, "kind": kind, "version": None, "refused": reason}
 
 
-def _run_not_steerable(ctx: BoardContext, run_id: int, now: datetime) -> str | None:
+def steerable_status(
+    ctx: BoardContext, run_id: int, now: datetime
+) -> tuple[str | None, str | None]:
+    """(the run's effective status, why it cannot be steered or None)."""
     run = ctx.queries.run(run_id)
     if run is None:
-        return f"run {run_id} no longer exists"
+        return None, f"run {run_id} no longer exists"
     status = effective_status(run, now)
     if not is_live(status):
-        return f"run {run_id} is {status}; no trainer reads its parameters any more"
-    return None
+        return status, f"run {run_id} is {status}; no trainer reads its parameters any more"
+    return status, None
 
 
 def submit_parameters(
     ctx: BoardContext, run_id: int | None, optimizer: Any, lr: Any, wd: Any, dropout: Any,
-    now: datetime | None = None,
+    grad_clip: Any = None, now: datetime | None = None,
 ) -> dict[str, Any]:
     """Validate, then write the new desired state (version + 1); nothing is written if
-    a value is refused. Returns what the apply status follows."""
+    a value is refused. `grad_clip` None keeps the current one. Returns what the apply
+    status follows."""
     if run_id is None:
-        return _refusal(None, "parameters", "no run selected")
-    parsed, errors = validate(optimizer, lr, wd, dropout)
+        return refusal(None, "parameters", "no run selected")
+    parsed, errors = validate(optimizer, lr, wd, dropout, 0.0 if grad_clip is None else grad_clip)
     if errors or parsed is None:
-        return _refusal(run_id, "parameters", "; ".join(errors.values()))
-    now = now or utc_now()
-    if reason := _run_not_steerable(ctx, run_id, now):
-        return _refusal(run_id, "parameters", reason)
+        return refusal(run_id, "parameters", "; ".join(errors.values()))
+    status, reason = steerable_status(ctx, run_id, now or utc_now())
+    if reason:
+        return refusal(run_id, "parameters", reason)
     version = ctx.store.submit_parameters(
         run_id, optimizer=parsed.optimizer, learning_rate=parsed.learning_rate,
         weight_decay=parsed.weight_decay, dropout=parsed.dropout,
+        grad_clip=None if grad_clip is None else parsed.grad_clip,
+        pause_train=True if status == "paused" else None,
     )
     return {"run_id": run_id, "kind": "parameters", "version": version, "refused": None}
 
 
 def request_stop(ctx: BoardContext, run_id: int | None, now: datetime | None = None) -> dict:
     if run_id is None:
-        return _refusal(None, "stop", "no run selected")
-    if reason := _run_not_steerable(ctx, run_id, now or utc_now()):
-        return _refusal(run_id, "stop", reason)
+        return refusal(None, "stop", "no run selected")
+    _, reason = steerable_status(ctx, run_id, now or utc_now())
+    if reason:
+        return refusal(run_id, "stop", reason)
     version = ctx.store.request_stop(run_id)
     return {"run_id": run_id, "kind": "stop", "version": version, "refused": None}
+
+
+SUBMISSION_NAMES = {"parameters": "Parameters", "stop": "Stop request", "fix": "Fix",
+                    "pause": "Pause", "resume": "Resume", "rollback": "Rollback"}
 
 
 @dataclass(frozen=True)
@@ -154,7 +175,9 @@ def apply_status(
     now = now or utc_now()
     if not submission or submission.get("run_id") != run_id:
         return _current_state(ctx, run_id)
-    what = "Stop request" if submission["kind"] == "stop" else "Parameters"
+    what = SUBMISSION_NAMES.get(submission["kind"], "Parameters")
+    if submission.get("what"):
+        what = f"{what} {submission['what']}"
     if submission.get("refused"):
         return ApplyStatus(f"{what} not sent: {submission['refused']}.", "error")
     version = int(submission["version"])
@@ -206,6 +229,7 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Output("lr-input", "value", allow_duplicate=True),
         Output("wd-input", "value"),
         Output("dropout-input", "value"),
+        Output("grad-clip-input", "value"),
         Output("fields-state", "data"),
         Output("submit-params", "disabled"),
         Output("stop-button", "disabled"),
@@ -217,10 +241,10 @@ def register(app: Dash, ctx: BoardContext) -> None:
     def _sync(_n: int | None, run_id: int | None, loaded: dict | None) -> tuple:
         sync = sync_fields(ctx, run_id, loaded)
         if sync.values is None:
-            values: tuple = (no_update,) * 4
+            values: tuple = (no_update,) * 5
         else:
             v = sync.values
-            values = (v.optimizer, v.learning_rate, v.weight_decay, v.dropout)
+            values = (v.optimizer, v.learning_rate, v.weight_decay, v.dropout, v.grad_clip)
         return (*values, sync.state, sync.disabled, sync.disabled)
 
     @app.callback(
@@ -243,9 +267,11 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Input("lr-input", "value"),
         Input("wd-input", "value"),
         Input("dropout-input", "value"),
+        Input("grad-clip-input", "value"),
     )
-    def _validate(optimizer: Any, lr: Any, wd: Any, dropout: Any) -> tuple[list, list]:
-        errors = field_errors(optimizer, lr, wd, dropout)
+    def _validate(optimizer: Any, lr: Any, wd: Any, dropout: Any,
+                  grad_clip: Any) -> tuple[list, list]:
+        errors = field_errors(optimizer, lr, wd, dropout, grad_clip)
         names = [o["id"]["name"] for o in callback_context.outputs_list[0]]
         return (
             ["field invalid" if n in errors else "field" for n in names],
@@ -261,6 +287,7 @@ def register(app: Dash, ctx: BoardContext) -> None:
         State("lr-input", "value"),
         State("wd-input", "value"),
         State("dropout-input", "value"),
+        State("grad-clip-input", "value"),
         prevent_initial_call=True,
     )
     def _send(_submit: int, _stop: int, run_id: int | None, *fields: Any) -> dict[str, Any]:

@@ -4,7 +4,8 @@ The page's `curve-state` Store remembers what the figures were built from (run,
 smoothing, log-y, how many rollbacks had cut the run), the last step they hold,
 the smoothing state and the last parameter version marked. A refresh reads only
 `step > last_step` and sends extendData; a different run, a new smoothing or
-log-y choice, or a rollback (the live path changed behind the page) rebuilds.
+log-y choice, or a rollback (the live path changed behind the page) rebuilds,
+drawing the branches rollbacks cut off in grey.
 """
 
 from __future__ import annotations
@@ -78,14 +79,18 @@ def _rebuild(
 ) -> CurveUpdate:
     rows: list[tuple[Any, ...]] = []
     changes: list[dict[str, Any]] = []
+    abandoned: list[tuple[Any, ...]] = []
     rollbacks = 0
     if run_id is not None:
         rollbacks = ctx.queries.rollbacks(run_id)  # counted first: a later cut is seen next time
         rows = ctx.queries.curve_points(run_id, -1, CURVE_ROWS_LIMIT)
         changes = ctx.queries.parameter_changes(run_id, 0, HISTORY_LIMIT)[::-1]
+        if rollbacks:
+            abandoned = ctx.queries.abandoned_points(run_id)
     # A user's zoom survives a new smoothing, not another run or another y scale.
     loss, accuracy, smoothing = curve_figures(rows, weight, changes, log_y,
-                                              uirevision=f"run {run_id} log {log_y}")
+                                              uirevision=f"run {run_id} log {log_y}",
+                                              abandoned=abandoned)
     state = built_for | {
         "rollbacks": rollbacks,
         "last_step": rows[-1][0] if rows else -1,

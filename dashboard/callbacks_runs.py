@@ -147,7 +147,9 @@ def register(app: Dash, ctx: BoardContext) -> None:
     @app.callback(
         Output("refresh-interval", "disabled"),
         Output("refresh-interval", "interval"),
+        Output("slow-refresh", "disabled"),
         Input("refresh-select", "value"),
     )
-    def _refresh(interval_ms: int | None) -> tuple[bool, int]:
-        return refresh_settings(interval_ms)
+    def _refresh(interval_ms: int | None) -> tuple[bool, int, bool]:
+        disabled, interval = refresh_settings(interval_ms)
+        return disabled, interval, disabled

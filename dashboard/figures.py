@@ -3,9 +3,10 @@
 Both curve graphs share one trace layout so a refresh can extend them by index:
 0 train (raw, faint), 1 train (smoothed), 2 validation (raw, faint),
 3 validation (smoothed), 4 applied parameter changes (vertical lines on a
-hidden 0..1 axis, hover text says what changed). Every trace carries a `text`
-array because Plotly's extendTraces extends the same attributes on every
-trace it touches.
+hidden 0..1 axis, hover text says what changed), then the branches rollbacks
+cut off (grey, thin, dashed; never extended: a rollback rebuilds). Every trace
+carries a `text` array because Plotly's extendTraces extends the same
+attributes on every trace it touches.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dashboard.smoothing import ema
 TRAIN_COLOR = "#d62728"  # the seed's red
 VALIDATION_COLOR = "#1f77b4"  # the seed's blue
 CHANGE_COLOR = "#8a94a6"
+ABANDONED_COLORS = {"train": "#9ca3af", "validation": "#c4cad3"}  # greys: not the live path
 CONV_COLOR = "#2a9d8f"
 FC_COLOR = "#7b61ff"
 FONT = "Inter, system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"
@@ -161,6 +163,36 @@ def _curve_traces(
     return traces
 
 
+def abandoned_traces(
+    graph: CurveGraph, abandoned: Sequence[Sequence[Any]], max_points: int = MAX_POINTS
+) -> list[dict[str, Any]]:
+    """One grey dashed trace per cut-off branch and series, raw values: what the run did
+    before a rollback, kept visible but apart from the path training continued on.
+
+    `abandoned` rows are (branch, step, train_loss, validate_loss, train_accuracy,
+    validate_accuracy), by branch then step.
+    """
+    traces: list[dict[str, Any]] = []
+    branches: dict[int, list[Sequence[Any]]] = {}
+    for row in abandoned:
+        branches.setdefault(row[0], []).append(row)
+    for branch, rows in branches.items():
+        steps = np.array([r[1] for r in rows], dtype=np.int64)
+        for column, name in ((graph.train, "train"), (graph.validation, "validation")):
+            i = 2 + SERIES.index(column)
+            x, y = downsample(steps, np.array([math.nan if r[i] is None else r[i]
+                                               for r in rows], dtype=float), max_points)
+            traces.append({
+                "type": "scatter", "mode": "lines", "name": "abandoned branch",
+                "legendgroup": "abandoned", "showlegend": not traces,
+                "x": x.tolist(), "y": json_floats(y), "text": [],
+                "line": {"color": ABANDONED_COLORS[name], "width": 1, "dash": "dash"},
+                "hovertemplate": f"abandoned branch {branch}, {name} "
+                                 f"%{{y:{graph.y_format}}}<extra></extra>",
+            })
+    return traces
+
+
 def curve_figures(
     rows: Sequence[Sequence[Any]],
     weight: float,
@@ -168,12 +200,14 @@ def curve_figures(
     log_y: bool,
     uirevision: str = "",
     max_points: int = MAX_POINTS,
+    abandoned: Sequence[Sequence[Any]] = (),
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[float]]]:
     """Loss and accuracy figures for a whole run, and the smoothing state to extend from.
 
     `rows` are (step, train_loss, validate_loss, train_accuracy, validate_accuracy),
-    oldest first; `changes` the adopted parameter versions, oldest first. Raw and
-    smoothed curves are each downsampled to at most `max_points` points.
+    oldest first; `changes` the adopted parameter versions, oldest first; `abandoned`
+    the branches rollbacks cut off (see abandoned_traces). Raw and smoothed curves are
+    each downsampled to at most `max_points` points.
     """
     steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     series: dict[str, Any] = {}
@@ -195,7 +229,9 @@ def curve_figures(
             layout["yaxis"]["type"] = "log"
         if not rows:
             layout["annotations"] = [_empty_note("No statistics logged yet")]
-        figures.append({"data": _curve_traces(graph, series, lines), "layout": layout})
+        data = _curve_traces(graph, series, lines) + abandoned_traces(graph, abandoned,
+                                                                       max_points)
+        figures.append({"data": data, "layout": layout})
     return figures[0], figures[1], state
 
 

@@ -11,13 +11,16 @@ from typing import Any
 
 from dash import dcc, html
 
+from dashboard.figures_insight import MINUS
 from dashboard.smoothing import SMOOTHING_DEFAULT, SMOOTHING_MAX
-from hyperparams import DROPOUT_MAX, LR_MAX, OPTIMIZERS
+from hyperparams import DROPOUT_MAX, GRAD_CLIP_MAX, LR_MAX, OPTIMIZERS
 
-FIELDS = ("optimizer", "learning_rate", "weight_decay", "dropout")  # validate()'s keys
+FIELDS = ("optimizer", "learning_rate", "weight_decay", "dropout", "grad_clip")  # validate()'s
 LR_SLIDER_MIN = -6  # log10 of the smallest learning rate on the slider
 REFRESH_CHOICES = ((0, "off"), (1000, "1 s"), (5000, "5 s"))
 REFRESH_DEFAULT_MS = 1000
+SLOW_REFRESH_MS = 5000  # panels whose data changes at most every few seconds
+LAYERS_POLL_MS = 2000  # until a new run's model table arrives (see callbacks_insight)
 GRAPH_CONFIG = {"displaylogo": False, "displayModeBar": "hover",
                 "modeBarButtonsToRemove": ["lasso2d", "select2d"]}
 
@@ -136,6 +139,21 @@ def control_panel() -> html.Section:
         ),
         html.Div(
             [
+                field("grad_clip", "Gradient clipping", text_input("grad-clip-input", "0"),
+                      f"max L2 norm, 0 = off, ≤ {GRAD_CLIP_MAX:g}"),
+                html.Div(
+                    [
+                        html.Label("Training", className="field-label"),
+                        html.Button("Pause", id="pause-button", className="btn btn-secondary",
+                                    n_clicks=0),
+                    ],
+                    className="field",
+                ),
+            ],
+            className="field-pair",
+        ),
+        html.Div(
+            [
                 html.Button("Submit parameters", id="submit-params", className="btn btn-primary",
                             n_clicks=0),
                 dcc.ConfirmDialogProvider(
@@ -149,6 +167,114 @@ def control_panel() -> html.Section:
         ),
         html.Div(id="apply-status", className="apply-status", role="status"),
         class_name="control-card",
+    )
+
+
+def rollback_panel() -> html.Section:
+    """Checkpoints the run can return to; the confirmation names the step."""
+    return card(
+        "Roll back",
+        html.Div(
+            [
+                dcc.Dropdown(id="checkpoint-select", options=[], value=None, clearable=False,
+                             searchable=False, placeholder="No checkpoints yet",
+                             className="checkpoint-select"),
+                dcc.ConfirmDialogProvider(
+                    html.Button("Roll back", id="rollback-button", className="btn btn-warn"),
+                    id="rollback-confirm", message="",
+                ),
+            ],
+            className="rollback-row",
+        ),
+        html.Div("Restores the model and optimizer of that step and continues from it with "
+                 "the parameters above; the steps after it stay on the curves in grey.",
+                 className="field-hint"),
+        class_name="rollback-card",
+    )
+
+
+def alerts_panel() -> html.Section:
+    return card(
+        "Alerts",
+        html.Ul(id="alerts-list", className="alerts-list"),
+        tools=html.Span(id="alerts-count", className="tool-value"),
+        class_name="alerts-card",
+    )
+
+
+def chart(title: str, graph_id: str, hint: str = "", tools: Any = None) -> html.Section:
+    """A small insight chart: title, an optional one-line guide, the graph."""
+    return card(title, html.Div(hint, className="chart-hint") if hint else None,
+                graph(graph_id, "insight-graph"), tools=tools, class_name="chart-card")
+
+
+def insight_section() -> html.Section:
+    """The Layers view: per-layer health over time, histograms, lr, model and system."""
+    picker = dcc.Dropdown(id="layer-picker", options=[], value=[], multi=True,
+                          placeholder="Layers to chart", className="layer-picker")
+    histogram_tools = html.Div(
+        [
+            dcc.Dropdown(id="histogram-layer", options=[], value=None, clearable=False,
+                         className="histogram-layer"),
+            html.Span(id="histograms-step", className="tool-value"),
+        ],
+        className="histogram-tools",
+    )
+    model = card(
+        "Model",
+        html.Div(
+            html.Table(
+                [
+                    html.Thead(html.Tr([html.Th(h) for h in (
+                        "layer", "type", "output shape", "params", "trainable")])),
+                    html.Tbody(id="model-table-rows"),
+                ],
+                id="model-table",
+                className="history-table model-table",
+            ),
+            className="table-scroll",
+        ),
+        class_name="model-card",
+    )
+    system = card(
+        "System",
+        html.Dl(id="system-info", className="system-info"),
+        graph("system-graph", "insight-graph"),
+        class_name="system-card",
+    )
+    return html.Section(
+        [
+            html.Header(
+                [
+                    html.H2("Layers", className="section-title"),
+                    html.Span("update : parameter ratio, activations and gradients per "
+                              "conv/fc layer", className="section-hint"),
+                    html.Div(picker, className="layer-picker-wrap"),
+                ],
+                className="section-header",
+            ),
+            html.Div(
+                [
+                    chart("Update : parameter ratio", "update-ratio-graph",
+                          f"log10 of mean |Δw| / mean |w|; healthy band {MINUS}4 … "
+                          f"{MINUS}2, aim near {MINUS}3"),
+                    chart("Activation std", "act-std-graph",
+                          "after the nonlinearity; healthy band 0.5 … 2"),
+                    chart("Activation mean ± 2 std", "act-mean-graph",
+                          "the spread of each layer's output over time"),
+                    chart("Gradient norm", "grad-norm-graph",
+                          "L2 norm of each layer's weight gradient (log scale)"),
+                    chart("Weights and updates", "histograms-graph",
+                          "histograms of the chosen layer at its newest logged step",
+                          tools=histogram_tools),
+                    chart("Learning rate", "lr-graph", "in force at each logged step"),
+                ],
+                className="insight-grid",
+            ),
+            html.Div([model, system], className="insight-grid insight-bottom"),
+        ],
+        id="insight",
+        className="insight",
     )
 
 
@@ -208,6 +334,12 @@ def stores() -> list[dcc.Store]:
         dcc.Store(id="activations-state"),
         dcc.Store(id="fields-state"),
         dcc.Store(id="submission"),
+        dcc.Store(id="alerts-state"),
+        dcc.Store(id="fix-clicks"),
+        dcc.Store(id="layers-state"),
+        dcc.Store(id="insight-state"),
+        dcc.Store(id="histograms-state"),
+        dcc.Store(id="system-state"),
     ]
 
 
@@ -223,13 +355,14 @@ def page(start_command: str) -> html.Div:
                     html.Div(
                         [
                             html.Aside(
-                                [control_panel(), history_table(),
+                                [control_panel(), rollback_panel(), history_table(),
                                  card("Events", html.Ul(id="events-list",
                                                         className="events-list"))],
                                 className="sidebar",
                             ),
                             html.Div(
                                 [
+                                    alerts_panel(),
                                     card("Loss", graph("loss-graph"), tools=display_tools()),
                                     card("Accuracy", graph("accuracy-graph")),
                                     card("Activation distributions",
@@ -242,11 +375,14 @@ def page(start_command: str) -> html.Div:
                         ],
                         className="board-grid",
                     ),
+                    insight_section(),
                 ],
                 id="board-body",
                 className="board hidden",  # shown once the database has answered
             ),
             dcc.Interval(id="refresh-interval", interval=REFRESH_DEFAULT_MS),
+            dcc.Interval(id="layers-poll", interval=LAYERS_POLL_MS),
+            dcc.Interval(id="slow-refresh", interval=SLOW_REFRESH_MS),
             *stores(),
         ],
         className="page",

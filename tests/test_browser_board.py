@@ -169,12 +169,14 @@ def first_history_row(driver: WebDriver) -> str:
 
 
 def save_page_screenshot(driver: WebDriver, path: Path) -> None:
-    """The page down to its last panel, without the empty window below it."""
+    """The page down to the last panel of the curves' grid (the Layers view below it has its
+    own screenshot, docs/insight.png), without the empty window below it."""
     height = driver.execute_script(
-        "return Math.ceil(document.querySelector('.page').getBoundingClientRect().bottom) + 24;")
+        "return Math.ceil(document.querySelector('.board-grid').getBoundingClientRect().bottom)"
+        " + 24;")
     width = driver.execute_script("return document.documentElement.clientWidth;")
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png", "captureBeyondViewport": False,
+        "format": "png", "captureBeyondViewport": True,
         "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
     })
     path.parent.mkdir(exist_ok=True)
