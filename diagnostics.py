@@ -21,7 +21,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from statistics import fmean, linear_regression, median
 
@@ -67,6 +67,7 @@ OVERFIT_WEIGHT_DECAY_START = 1e-4  # suggested when weight decay is 0
 OVERFIT_WEIGHT_DECAY_MAX = 1e-3  # past this, suggest more dropout instead
 OVERFIT_DROPOUT_STEP = 20  # percent
 
+BLOW_UP_MARGIN = 0.3  # a suggested lr stays below 0.3x the lr the run blew up at
 HISTORY_LOGS = 100  # records a Diagnostician keeps; every rule's window fits in it
 SGD_FAMILY = ("SGD", "SGD+Nesterov")
 
@@ -530,6 +531,20 @@ class Diagnostician:
         self.num_classes = num_classes
         self._history: deque[StepRecord] = deque(maxlen=HISTORY_LOGS)
         self._active: set[tuple[str, str | None]] = set()
+        self._ceiling = math.inf  # the lowest lr this run has blown up at
+
+    def note_blow_up(self, learning_rate: float) -> None:
+        """The run went non-finite at this lr: never suggest going back to it."""
+        self._ceiling = min(self._ceiling, learning_rate)
+
+    def _within_ceiling(self, finding: Finding, current_lr: float) -> Finding:
+        lr = (finding.fix or {}).get("learning_rate")
+        if not isinstance(lr, float | int) or lr < self._ceiling:
+            return finding
+        safe = float(f"{self._ceiling * BLOW_UP_MARGIN:.1g}")
+        note = f" (not above {_g(safe)}: lr {_g(self._ceiling)} made this run blow up)"
+        fix = {**finding.fix, "learning_rate": safe} if safe != current_lr else None
+        return replace(finding, fix=fix, recommendation=finding.recommendation + note)
 
     @property
     def history(self) -> tuple[StepRecord, ...]:
@@ -544,6 +559,8 @@ class Diagnostician:
         self._history.append(record)
         history = tuple(self._history)
         current = [finding for rule in RULES for finding in rule(history, self.num_classes)]
+        if any(f.code == "non_finite" for f in current):
+            self.note_blow_up(record.learning_rate)
         new = [f for f in current if (f.code, f.layer) not in self._active]
         self._active = {(f.code, f.layer) for f in current}
-        return new
+        return [self._within_ceiling(f, record.learning_rate) for f in new]

@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss = nn.functional.cross_entropy(logits, y)
                 if not torch.isfinite(loss):  # pause before the update can spread it
                     paused = True
+                    doctor.note_blow_up(learning_rate_in_force(optimizer))
                     writer.event(
                         "error", "non_finite",
                         f"the training loss is {loss.item()} at step {step + 1}: training "

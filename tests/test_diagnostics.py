@@ -657,3 +657,18 @@ def test_overfitting_catches_a_slow_climb() -> None:
     assert only(run, "overfitting").fix == {"weight_decay": 1e-4}
     set_records(run, train_loss=train, validate_loss=[*val[:9], 1.0, 1.0, 1.0])
     assert found(run, "overfitting") == []
+
+
+def test_no_fix_leads_back_to_an_lr_that_blew_up() -> None:
+    """After recovering at 0.1 from a blow-up at 1.0, 'raise lr to 1' is not offered."""
+    doctor = Diagnostician(10)
+    doctor.note_blow_up(1.0)
+    run = healthy_run(10)
+    set_records(run, learning_rate=[0.1] * 9)
+    set_layer(run, "features.4", "update_ratio", [1e-5, 1e-5, 1e-5])
+    findings = [f for record in run for f in doctor.observe(record)]
+    [finding] = [f for f in findings if f.code == "update_ratio_low"]
+    assert finding.fix == {"learning_rate": 0.3}
+    assert "made this run blow up" in finding.recommendation
+    # without the blow-up the same run is told to go to 1
+    assert only(run, "update_ratio_low").fix == {"learning_rate": 1.0}
