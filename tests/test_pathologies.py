@@ -110,3 +110,23 @@ def test_a_healthy_default_run_raises_nothing(tmp_path: Path) -> None:
     assert findings(conn) == {}
     logged = conn.execute("SELECT count(*) FROM statistics").fetchone()[0]
     assert logged >= 7  # step 0, every 50 steps and each epoch end: the rules had data
+
+
+def test_overfit_batches_reaches_full_training_accuracy(tmp_path: Path) -> None:
+    """seed 003's first sanity check: a model that cannot memorise one batch is broken."""
+    conn = train(tmp_path, "--overfit-batches", "1", "--dropout", "0", "--lr", "3e-3",
+                 "--epochs", "1000", "--max-steps", "60", "--log-every", "10")
+    (accuracy,) = conn.execute(
+        "SELECT train_accuracy FROM statistics ORDER BY step DESC"
+    ).fetchone()
+    assert accuracy == 100.0
+
+
+def test_early_stopping_finishes_when_validation_stops_improving(tmp_path: Path) -> None:
+    conn = train(tmp_path, "--overfit-batches", "1", "--dropout", "0", "--lr", "3e-3",
+                 "--epochs", "1000", "--max-steps", "400", "--log-every", "5",
+                 "--early-stopping", "3")
+    (status,) = conn.execute("SELECT status FROM runs").fetchone()
+    (last,) = conn.execute("SELECT max(step) FROM statistics").fetchone()
+    (message,) = conn.execute("SELECT message FROM events WHERE code = 'early_stopped'").fetchone()
+    assert status == "finished" and last < 400 and "not improved" in message
