@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from dashboard.app import create_app
+from dashboard.auth import Credentials, guard_writes, is_loopback
 from dashboard.context import BoardContext
 from db.store import Store, describe_url, resolve_url
 
@@ -54,9 +55,17 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    credentials = Credentials.from_environment()
+    if credentials is None and not is_loopback(args.host):
+        print(f"error: --host {args.host} would let anyone on the network stop or change "
+              "runs; set BOARD_PASSWORD (or BOARD_PASSWORD_FILE) first, or bind to 127.0.0.1",
+              file=sys.stderr)
+        return 2
     url = resolve_url(args.db)
     store = open_store(url)
     app = create_app(BoardContext.for_store(store))
+    if credentials is not None:
+        guard_writes(app.server, credentials)
     print(f"board on http://{args.host}:{args.port}/  database {describe_url(url)}",
           file=sys.stderr, flush=True)
     try:
