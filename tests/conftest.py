@@ -51,7 +51,7 @@ def postgres_admin_url() -> str:
 def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     """A new, empty PostgreSQL database for this test."""
     name = f"clt_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     url = make_url(postgres_admin_url).set(database=name).render_as_string(hide_password=False)

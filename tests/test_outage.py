@@ -1,0 +1,91 @@
+"""A database outage mid-run, inflicted for real: training goes on and no row is lost.
+
+PostgreSQL: this machine's server is stopped with pg_ctlcluster and started again.
+SQLite: another process holds the write lock. Either way the trainer keeps
+training, its background writer keeps what it could not write, the listener
+reconnects, and a change submitted after recovery is applied.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import time
+from itertools import pairwise
+from pathlib import Path
+
+from test_train_e2e import SqlClient, max_step, trainer, wait_for
+
+OUTAGE_SECONDS = 20
+
+
+def cluster(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
+                   check=True, capture_output=True)
+    if action == "start":
+        for _ in range(60):
+            if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"]).returncode == 0:
+                return
+            time.sleep(0.5)
+
+
+def assert_no_row_lost(sql: SqlClient, run_id: int, log_every: int) -> None:
+    steps = [s for (s,) in sql.rows(
+        "SELECT step FROM statistics WHERE run_id = ? ORDER BY step", (run_id,))]
+    gaps = [(a, b) for a, b in pairwise(steps) if b - a > log_every]
+    assert steps[0] == 0 and gaps == [], f"logged steps missing between {gaps}"
+    layers = sql.one("SELECT count(DISTINCT step) FROM layer_statistics WHERE run_id = ?",
+                     (run_id,))[0]
+    assert layers == len(steps)
+
+
+def recover_and_steer(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> None:
+    sql.execute("UPDATE parameters SET learning_rate = 0.0007 WHERE run_id = ?", (run_id,))
+    wait_for("the change after recovery", lambda: sql.one(
+        "SELECT count(*) FROM statistics WHERE run_id = ? AND learning_rate = 0.0007",
+        (run_id,))[0] >= 2, timeout=60)
+    sql.execute("UPDATE parameters SET stop_train = TRUE WHERE run_id = ?", (run_id,))
+    assert proc.wait(timeout=90) == 0
+
+
+def test_postgresql_restart_mid_run(tmp_path: Path, postgres_url: str) -> None:
+    with trainer(tmp_path, postgres_url) as proc:
+        sql = wait_for("the database", lambda: SqlClient(postgres_url), timeout=30)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
+        wait_for("some logs", lambda: max_step(sql, run_id) >= 20)
+        before = max_step(sql, run_id)
+        sql.close()
+        try:
+            cluster("stop")
+            time.sleep(OUTAGE_SECONDS)
+            assert proc.poll() is None, "training must go on while the database is down"
+        finally:
+            cluster("start")
+        sql = wait_for("the database again", lambda: SqlClient(postgres_url), timeout=60)
+        wait_for("the rows logged during the outage", lambda: max_step(sql, run_id) > before + 50,
+                 timeout=60)
+        recover_and_steer(sql, run_id, proc)
+    assert_no_row_lost(sql, run_id, 5)
+    assert sql.one("SELECT status FROM runs WHERE run_id = ?", (run_id,))[0] == "stopped"
+    sql.close()
+
+
+def test_sqlite_locked_by_another_writer(tmp_path: Path, sqlite_url: str) -> None:
+    with trainer(tmp_path, sqlite_url) as proc:
+        sql = wait_for("the database", lambda: SqlClient(sqlite_url), timeout=30)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
+        wait_for("some logs", lambda: max_step(sql, run_id) >= 20)
+        locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        before = max_step(sql, run_id)
+        time.sleep(OUTAGE_SECONDS / 2)
+        assert max_step(sql, run_id) == before  # nothing could be written...
+        locker.execute("COMMIT")
+        locker.close()
+        assert proc.poll() is None  # ...and training went on
+        wait_for("the buffered rows", lambda: max_step(sql, run_id) > before + 20, timeout=60)
+        recover_and_steer(sql, run_id, proc)
+    assert_no_row_lost(sql, run_id, 5)
+    sql.close()
