@@ -17,6 +17,9 @@ import pytest
 import torch
 from sqlalchemy import make_url
 
+from dashboard.status import effective_status
+from db.store import Store, now
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -351,7 +354,13 @@ def test_resume_after_kill_9_continues_the_same_run(tmp_path: Path, db_url: str)
             "SELECT max(step) FROM checkpoints WHERE run_id = ?", (run_id,))[0] + 5)
         proc.kill()  # SIGKILL: no goodbye, status stays 'running' with a stale heartbeat
         proc.wait()
+        killed = time.monotonic()
     assert run_status(sql, run_id) == "running"
+    board = Store(db_url)  # what the board shows: lost, within 10 s
+    wait_for("the board to show the run lost", lambda: effective_status(
+        board.get_run(run_id), now()) == "lost", timeout=10)
+    assert time.monotonic() - killed <= 10
+    board.close()
     killed_at = max_step(sql, run_id)
     (checkpoint_step,) = sql.one("SELECT max(step) FROM checkpoints WHERE run_id = ?", (run_id,))
     sql.execute("UPDATE parameters SET dropout = 30 WHERE run_id = ?", (run_id,))  # meanwhile
