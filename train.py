@@ -190,6 +190,7 @@ def resume_options(args: argparse.Namespace, store: Store) -> argparse.Namespace
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop = StopSignal()  # first thing: a Ctrl-C during setup still ends the run cleanly
     store = None
     if args.resume is not None:
         store = Store(resolve_url(args.db))
@@ -270,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
             "bytes": size, "dt": now()}]),
         on_removed=lambda c: writer.checkpoint_removed(c.step),
     )
-    stop = StopSignal()
     print(f"run {run_id} '{run_name}' on {device}, database {describe_url(url)}", file=sys.stderr)
 
     steps_per_epoch = len(train_loader)

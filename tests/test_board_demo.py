@@ -53,7 +53,11 @@ def test_demo_starts_board_and_run_and_ctrl_c_stops_both(tmp_path: Path) -> None
                 assert time.monotonic() < deadline, "".join(output)
                 time.sleep(0.5)
             demo.send_signal(signal.SIGINT)  # what Ctrl-C sends
-            assert demo.wait(90) == 0, "".join(output)
+            code = demo.wait(90)
+            time.sleep(0.5)  # let the reader thread take the last lines
+            while not lines.empty():
+                output.append(lines.get())
+            assert code == 0, "".join(output)
             assert store.list_runs()[0]["status"] == "stopped"
         finally:
             store.close()
