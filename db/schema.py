@@ -31,6 +31,8 @@ from sqlalchemy import (
     create_mock_engine,
     event,
     false,
+    func,
+    select,
     text,
 )
 from sqlalchemy.dialects import postgresql
@@ -393,9 +395,22 @@ for _ddl in _SQLITE_TRIGGERS:
     event.listen(parameters, "after_create", _ddl.execute_if(dialect="sqlite"))
 
 
+SCHEMA_LOCK = 7_311_001  # PostgreSQL advisory lock key held while the schema is created
+
+
 def create_schema(engine: Engine) -> None:
-    """Create whatever tables (and their triggers) are missing."""
-    metadata.create_all(engine, checkfirst=True)
+    """Create whatever tables (and their triggers) are missing.
+
+    Processes that start together on an empty database (a sweep, the board and a
+    trainer) would race between "is it there?" and CREATE; under a lock one creates
+    and the others then find everything in place.
+    """
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
+        elif engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, taken before the checks
+        metadata.create_all(conn, checkfirst=True)
 
 
 def postgresql_ddl() -> str:

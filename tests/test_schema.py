@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect, make_url, text
@@ -109,3 +110,26 @@ def test_sqlite_has_the_same_tables_and_columns(sqlite_url: str, postgres_url: s
         return out
 
     assert columns(sqlite_url) == columns(postgres_url)
+
+
+def test_processes_starting_together_on_an_empty_database(db_url: str) -> None:
+    """A sweep, or the board and a trainer, create the tables at the same moment."""
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            Store(db_url).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    store = Store(db_url)
+    assert store.list_runs() == []
+    store.close()
