@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-MODEL_NAMES = ("smallcnn", "alexnet", "vgg16", "resnet18")
+MODEL_NAMES = ("smallcnn", "tinycnn", "alexnet", "vgg16", "resnet18")
 SMALL_IMAGE = 64  # below this side length the small-image variants are used
 # VGG16's conv widths, "M" marking a 2x2 max-pool.
 VGG16_WIDTHS = (
@@ -79,6 +79,24 @@ def small_cnn(num_classes: int, in_channels: int, dropout: float) -> ConvNet:
         nn.Linear(128, num_classes),
     )
     return ConvNet(features, nn.AdaptiveAvgPool2d(7), classifier)
+
+
+def tiny_cnn(num_classes: int, in_channels: int, dropout: float) -> ConvNet:
+    """One conv layer and a small head: a millisecond or two a step, for smoke tests and
+    runs of a hundred thousand steps (the memory benchmark)."""
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),
+    )
+    classifier = nn.Sequential(
+        nn.Dropout(dropout),
+        nn.Linear(8 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(32, num_classes),
+    )
+    return ConvNet(features, nn.AdaptiveAvgPool2d(4), classifier)
 
 
 def small_alexnet(num_classes: int, in_channels: int, dropout: float) -> ConvNet:
@@ -210,8 +228,8 @@ def build_model(
     pretrained = pretrained or transfer
     small = image_size < SMALL_IMAGE
     if pretrained:
-        if name == "smallcnn":
-            raise ModelUnavailable("smallcnn has no pretrained weights; train it from scratch")
+        if name in ("smallcnn", "tinycnn"):
+            raise ModelUnavailable(f"{name} has no pretrained weights; train it from scratch")
         if in_channels != 3:
             raise ModelUnavailable(f"pretrained {name} needs 3-channel images, got {in_channels}")
         if small and name != "resnet18":
@@ -221,6 +239,8 @@ def build_model(
 
     if name == "smallcnn":
         model = small_cnn(num_classes, in_channels, dropout)
+    elif name == "tinycnn":
+        model = tiny_cnn(num_classes, in_channels, dropout)
     elif name == "resnet18":
         model = resnet18(num_classes, in_channels, image_size, dropout, pretrained)
     elif small:
