@@ -138,6 +138,9 @@ class Batch:
     status: str | None = None
     ended: datetime | None = None
 
+    def rows(self) -> int:
+        return sum(len(getattr(self, name)) for name in ROW_TABLES) + len(self.acknowledgements)
+
     def __len__(self) -> int:
         rows = sum(len(getattr(self, name)) for name in ROW_TABLES)
         return (

@@ -2,15 +2,20 @@
 
 Each wake-up drains whatever has queued and writes it in one transaction, so
 the batch grows by itself when the database is slow. A write that fails is kept
-and retried, so a database hiccup costs no rows.
+and retried, so a database hiccup costs no rows. Past `spill_after_rows` unwritten
+rows, the batch goes to a file in `spill_dir` and memory is freed; spilled batches
+are written first, oldest first, once the database answers again (also by a later
+writer for the same run and directory, as `train.py --resume` makes).
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -21,6 +26,7 @@ from db.store import ROW_TABLES, Batch, Store, event_row, now
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 2.0
+SPILL_AFTER_ROWS = 20_000  # unwritten rows held in memory before they go to a file
 # Errors that mean "not now" (server down, connection lost, SQLite locked, pool
 # exhausted): the batch is kept and retried. Anything else is a row the database
 # refuses; it is isolated and dropped so that it cannot block the rest.
@@ -34,6 +40,8 @@ class BackgroundWriter:
         run_id: int,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         close_seconds: float = 30.0,
+        spill_dir: Path | None = None,
+        spill_after_rows: int = SPILL_AFTER_ROWS,
     ) -> None:
         self.store = store
         self.close_seconds = close_seconds
@@ -43,6 +51,8 @@ class BackgroundWriter:
         self._closing = threading.Event()
         self._pending = Batch()
         self._held: tuple[str, Any] | None = None
+        self.spill = SpillFiles(spill_dir) if spill_dir is not None else None
+        self.spill_after_rows = spill_after_rows
         self.rows_written = 0
         self.rows_dropped = 0
         self.failures = 0
@@ -84,7 +94,10 @@ class BackgroundWriter:
         self._closing.set()
         self._queue.put(("wake", None))
         self._thread.join(self.close_seconds + 5)
-        return not self._thread.is_alive() and len(self._pending) == 0
+        return not self._thread.is_alive() and not self._unwritten()
+
+    def _unwritten(self) -> bool:
+        return bool(len(self._pending)) or (self.spill is not None and bool(self.spill.files()))
 
     # -- the writer thread ----------------------------------------------------
 
@@ -132,7 +145,7 @@ class BackgroundWriter:
             clock = time.monotonic()
             if clock >= next_beat:
                 self._pending.heartbeat = now()
-            if len(self._pending) and clock >= retry_at:
+            if self._unwritten() and clock >= retry_at:
                 beat = self._pending.heartbeat is not None
                 if self._flush():
                     backoff = 0.0
@@ -140,28 +153,42 @@ class BackgroundWriter:
                 else:
                     backoff = min(max(backoff * 2, 0.1), 5.0)
                     retry_at = clock + backoff
+                    if self.spill is not None and self._pending.rows() >= self.spill_after_rows:
+                        self.spill.push(self._pending)
+                        self._pending = Batch()
             if deadline is not None:
-                if not len(self._pending) and self._held is None and self._queue.empty():
+                if not self._unwritten() and self._held is None and self._queue.empty():
                     return
                 if time.monotonic() > deadline:
                     return
                 time.sleep(max(0.0, min(retry_at - time.monotonic(), 0.5)))
 
     def _flush(self) -> bool:
-        batch = self._pending
+        """Spilled batches first, oldest first, then the pending one; False when the
+        database cannot be reached (what is left stays where it was)."""
+        for path in self.spill.files() if self.spill is not None else []:
+            left = self._write(self.spill.load(path))
+            if len(left):
+                self.spill.replace(path, left)
+                return False
+            self.spill.remove(path)
+        self._pending = self._write(self._pending)
+        return not len(self._pending)
+
+    def _write(self, batch: Batch) -> Batch:
+        """Write a batch; returns what is left unwritten (empty unless unreachable)."""
         try:
             self.store.write_batch(self.run_id, batch)
         except UNREACHABLE as exc:  # down, restarting or locked: keep the rows, retry
             self.failures += 1
             log.warning("database write failed (%s rows kept for retry): %s", len(batch), exc)
-            return False
+            return batch
         except Exception:  # the database refused something in the batch
             return self._write_one_by_one(batch)
         self.rows_written += len(batch)
-        self._pending = Batch()
-        return True
+        return Batch()
 
-    def _write_one_by_one(self, batch: Batch) -> bool:
+    def _write_one_by_one(self, batch: Batch) -> Batch:
         """Isolate the rows the database refuses so that one cannot block the rest."""
         singles = [Batch(abandon_after=batch.abandon_after)]
         singles += [Batch(**{name: [r]}) for name in ROW_TABLES for r in getattr(batch, name)]
@@ -176,13 +203,42 @@ class BackgroundWriter:
             except UNREACHABLE as exc:  # lost the database halfway: keep the rest
                 self.failures += 1
                 log.warning("database write failed, rows kept for retry: %s", exc)
-                self._pending = _merge(singles[i:])
-                return False
+                return _merge(singles[i:])
             except Exception as exc:
                 self.rows_dropped += len(single)
                 log.error("the database refused a row, dropped: %s", exc)
-        self._pending = Batch()
-        return True
+        return Batch()
+
+
+class SpillFiles:
+    """Batches the database could not take yet, one file each, named in write order."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._count = 0
+
+    def files(self) -> list[Path]:
+        return sorted(self.directory.glob("batch-*.pickle")) if self.directory.is_dir() else []
+
+    def push(self, batch: Batch) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        newest = self.files()
+        self._count = max(self._count, int(newest[-1].stem.split("-")[1]) if newest else 0) + 1
+        self.replace(self.directory / f"batch-{self._count:09d}.pickle", batch)
+        log.warning("database unreachable: %s rows spilled to %s", batch.rows(), self.directory)
+
+    def replace(self, path: Path, batch: Batch) -> None:
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(pickle.dumps(batch))
+        partial.replace(path)  # a crash mid-write never leaves half a batch
+
+    @staticmethod
+    def load(path: Path) -> Batch:
+        return pickle.loads(path.read_bytes())  # noqa: S301 - our own file, written above
+
+    @staticmethod
+    def remove(path: Path) -> None:
+        path.unlink(missing_ok=True)
 
 
 def _merge(batches: list[Batch]) -> Batch:

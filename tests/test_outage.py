@@ -2,8 +2,9 @@
 
 PostgreSQL: this machine's server is stopped with pg_ctlcluster and started again.
 SQLite: another process holds the write lock. Either way the trainer keeps
-training, its background writer keeps what it could not write, the listener
-reconnects, and a change submitted after recovery is applied.
+training, its background writer keeps what it could not write (past --buffer-rows,
+in files next to the checkpoints), the listener reconnects, and a change submitted
+after recovery is applied.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from test_train_e2e import SqlClient, max_step, trainer, wait_for
 
-OUTAGE_SECONDS = 20
+OUTAGE_SECONDS = 30
+BUFFER_ROWS = "60"  # a few logs' worth: the outage must spill rows to disk
 
 
 def cluster(action: str) -> None:
@@ -31,14 +33,22 @@ def cluster(action: str) -> None:
             time.sleep(0.5)
 
 
+def spilled(tmp_path: Path, run_id: int) -> list[Path]:
+    return list((tmp_path / "checkpoints" / f"run_{run_id}" / "unwritten").glob("batch-*"))
+
+
 def assert_no_row_lost(sql: SqlClient, run_id: int, log_every: int) -> None:
+    """Every step the trainer logged is in the database, with its per-layer rows."""
     steps = [s for (s,) in sql.rows(
         "SELECT step FROM statistics WHERE run_id = ? ORDER BY step", (run_id,))]
     gaps = [(a, b) for a, b in pairwise(steps) if b - a > log_every]
     assert steps[0] == 0 and gaps == [], f"logged steps missing between {gaps}"
-    layers = sql.one("SELECT count(DISTINCT step) FROM layer_statistics WHERE run_id = ?",
-                     (run_id,))[0]
-    assert layers == len(steps)
+    last = sql.one("SELECT event_id FROM events WHERE run_id = ? AND code = 'run_stopped'",
+                   (run_id,))
+    assert last is not None  # the final event, queued after everything else, landed
+    for per_layer in ("SELECT count(DISTINCT step) FROM layer_statistics WHERE run_id = ?",
+                      "SELECT count(DISTINCT step) FROM activations WHERE run_id = ?"):
+        assert sql.one(per_layer, (run_id,))[0] == len(steps), per_layer
 
 
 def recover_and_steer(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> None:
@@ -51,7 +61,7 @@ def recover_and_steer(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> No
 
 
 def test_postgresql_restart_mid_run(tmp_path: Path, postgres_url: str) -> None:
-    with trainer(tmp_path, postgres_url) as proc:
+    with trainer(tmp_path, postgres_url, "--buffer-rows", BUFFER_ROWS) as proc:
         sql = wait_for("the database", lambda: SqlClient(postgres_url), timeout=30)
         run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
         wait_for("some logs", lambda: max_step(sql, run_id) >= 20)
@@ -61,6 +71,7 @@ def test_postgresql_restart_mid_run(tmp_path: Path, postgres_url: str) -> None:
             cluster("stop")
             time.sleep(OUTAGE_SECONDS)
             assert proc.poll() is None, "training must go on while the database is down"
+            assert spilled(tmp_path, run_id), "past --buffer-rows the rows go to disk"
         finally:
             cluster("start")
         sql = wait_for("the database again", lambda: SqlClient(postgres_url), timeout=60)
@@ -68,6 +79,7 @@ def test_postgresql_restart_mid_run(tmp_path: Path, postgres_url: str) -> None:
                  timeout=60)
         recover_and_steer(sql, run_id, proc)
     assert_no_row_lost(sql, run_id, 5)
+    assert not spilled(tmp_path, run_id)
     assert sql.one("SELECT status FROM runs WHERE run_id = ?", (run_id,))[0] == "stopped"
     sql.close()
 
