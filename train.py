@@ -27,11 +27,12 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
+import sweep
 from checkpointing import Checkpoint, CheckpointRing
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
 from db.store import ParameterState, Store, describe_url, now, resolve_url
-from db.writer import BackgroundWriter
+from db.writer import SPILL_AFTER_ROWS, BackgroundWriter
 from diagnostics import Diagnostician, LayerRecord, StepRecord
 from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
 from models import MODEL_NAMES, ModelUnavailable, build_model, initialize, set_dropout
@@ -97,13 +98,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-keep", type=int, default=5, help="recent checkpoints kept")
     p.add_argument("--db", default=None, help="SQLAlchemy URL (default: $DATABASE_URL, "
                    "else sqlite:///training.db)")
+    p.add_argument("--buffer-rows", type=int, default=SPILL_AFTER_ROWS,
+                   help="unwritten rows held in memory while the database is unreachable; "
+                   "beyond, they go to a file in the run's checkpoint directory")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (for logs)")
+    p.add_argument("--sweep", type=sweep.parse_axis, action="append", default=[],
+                   metavar="NAME=V1,V2", help="one run per combination of these values of any "
+                   "option (repeat for more axes), each its own process")
+    p.add_argument("--parallel", type=int, default=1, help="sweep runs at once")
     p.add_argument("--resume", type=int, metavar="RUN_ID", default=None,
                    help="continue this run from its latest checkpoint, with its options")
     args = p.parse_args(argv)
 
     for name in ("epochs", "batch_size", "log_every", "val_batches", "checkpoint_every",
-                 "checkpoint_keep"):
+                 "checkpoint_keep", "buffer_rows", "parallel"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
@@ -189,8 +197,15 @@ def resume_options(args: argparse.Namespace, store: Store) -> argparse.Namespace
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     stop = StopSignal()  # first thing: a Ctrl-C during setup still ends the run cleanly
+    if args.sweep:
+        base = sweep.without_sweep(argv)
+        combos = sweep.combinations(args.sweep)
+        for combo in combos:
+            parse_args([*base, *combo])  # a bad value exits 2 here, before any run exists
+        return sweep.run(base, combos, args.parallel, args.run_name, stop.requested)
     store = None
     if args.resume is not None:
         store = Store(resolve_url(args.db))
@@ -261,11 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             store.submit_parameters(run_id, stop_train=False, pause_train=False)
         store.reopen_run(run_id)
         seen_version, handled_rollback = 0, state.rollback_request  # adopt the row now
-    writer = BackgroundWriter(store, run_id)
+    run_dir = Path(args.checkpoint_dir) / f"run_{run_id}"
+    writer = BackgroundWriter(store, run_id, spill_dir=run_dir / "unwritten",
+                              spill_after_rows=args.buffer_rows)
     listener = ParameterListener(store, run_id, seen_version=seen_version)
     sampler = SystemSampler(writer, progress, device)
     ring = CheckpointRing(
-        Path(args.checkpoint_dir) / f"run_{run_id}", keep=args.checkpoint_keep,
+        run_dir, keep=args.checkpoint_keep,
         on_saved=lambda c, size: writer.rows("checkpoints", [{
             "step": c.step, "epoch": c.epoch, "reason": c.reason, "path": str(c.path),
             "bytes": size, "dt": now()}]),
@@ -555,7 +572,9 @@ def main(argv: list[str] | None = None) -> int:
         sampler.close()
         listener.close()
         if not writer.close():
-            print("warning: some rows could not be written to the database", file=sys.stderr)
+            print(f"warning: some rows could not be written to the database; those kept in "
+                  f"{run_dir / 'unwritten'} are written by `train.py --resume {run_id}`",
+                  file=sys.stderr)
         store.close()
 
 
