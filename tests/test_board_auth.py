@@ -140,3 +140,23 @@ def test_writes_need_the_credentials_reads_do_not(guarded_board: tuple[str, Stor
     assert post(url, submit_payload(run_id, "0.001"), "coach", "s3cret") == 200
     state = store.get_parameters(run_id)
     assert (state.version, state.learning_rate) == (2, 0.001)
+
+
+CRAFTED = [
+    ("optimizer-select", "Adagrad"), ("optimizer-select", "'; DROP TABLE runs; --"),
+    ("dropout-input", "150"), ("lr-input", "1e999"), ("lr-input", "NaN"), ("wd-input", "-0.1"),
+]
+
+
+def test_a_crafted_request_with_a_bad_value_writes_nothing(
+    guarded_board: tuple[str, Store, int]
+) -> None:
+    """What a script could send past the page's own checks: refused by the callback."""
+    url, store, run_id = guarded_board
+    for field, value in CRAFTED:
+        payload = submit_payload(run_id, "0.001")
+        for state in payload["state"]:
+            if state["id"] == field:
+                state["value"] = value
+        assert post(url, payload, "coach", "s3cret") == 200, (field, value)  # a refusal
+        assert store.get_parameters(run_id).version == 1, (field, value)
