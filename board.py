@@ -21,7 +21,7 @@ from dashboard.auth import Credentials, guard_writes, is_loopback
 from dashboard.context import BoardContext
 from db.store import Store, describe_url, resolve_url
 
-SERVER_THREADS = 8  # a page fires a handful of small callbacks per refresh
+SERVER_THREADS = 4  # a page fires a handful of small callbacks per refresh
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,13 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def open_store(url: str) -> Store:
     """The store, creating missing tables; a database that is down now is not fatal:
-    the page says so and recovers when it is back."""
+    the page says so and recovers when it is back.
+
+    No pre-ping: a refresh runs a dozen short queries, and a ping before each is a
+    round trip apiece. After a server restart one refresh shows the banner, and the
+    pool renews its connections."""
     try:
-        return Store(url)
+        return Store(url, pre_ping=False)
     except OperationalError as exc:
         reason = str(exc.orig or exc).strip().splitlines()[0]
         print(f"warning: database unreachable for now ({reason})", file=sys.stderr)
-        return Store(url, create=False)
+        return Store(url, create=False, pre_ping=False)
 
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:

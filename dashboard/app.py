@@ -11,6 +11,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from dashboard import (
     callbacks_activations,
     callbacks_alerts,
+    callbacks_changes,
     callbacks_controls,
     callbacks_curves,
     callbacks_history,
@@ -49,8 +50,8 @@ def create_app(ctx: BoardContext) -> Dash:
         on_error=on_error,
     )
     app.layout = page(callbacks_runs.start_command(ctx))
-    for concern in (callbacks_runs, callbacks_controls, callbacks_curves, callbacks_history,
-                    callbacks_activations, callbacks_alerts, callbacks_recovery,
+    for concern in (callbacks_runs, callbacks_changes, callbacks_controls, callbacks_curves,
+                    callbacks_history, callbacks_activations, callbacks_alerts, callbacks_recovery,
                     callbacks_insight):
         concern.register(app, ctx)
     return app

@@ -139,11 +139,11 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Output("alerts-list", "children"),
         Output("alerts-count", "children"),
         Output("alerts-state", "data"),
-        Input("refresh-interval", "n_intervals"),
-        Input("run-select", "value"),
+        Input("events-token", "data"),
+        State("run-select", "value"),
         State("alerts-state", "data"),
     )
-    def _alerts(_n: int | None, run_id: int | None, state: dict | None) -> tuple:
+    def _alerts(_token: dict | None, run_id: int | None, state: dict | None) -> tuple:
         update = update_alerts(ctx, run_id, state)
         if update is None:
             return no_update, no_update, no_update

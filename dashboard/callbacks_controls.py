@@ -233,12 +233,12 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Output("fields-state", "data"),
         Output("submit-params", "disabled"),
         Output("stop-button", "disabled"),
-        Input("refresh-interval", "n_intervals"),
-        Input("run-select", "value"),
+        Input("control-token", "data"),
+        State("run-select", "value"),
         State("fields-state", "data"),
         prevent_initial_call="initial_duplicate",
     )
-    def _sync(_n: int | None, run_id: int | None, loaded: dict | None) -> tuple:
+    def _sync(_token: dict | None, run_id: int | None, loaded: dict | None) -> tuple:
         sync = sync_fields(ctx, run_id, loaded)
         if sync.values is None:
             values: tuple = (no_update,) * 5
@@ -298,10 +298,11 @@ def register(app: Dash, ctx: BoardContext) -> None:
     @app.callback(
         Output("apply-status", "children"),
         Output("apply-status", "className"),
-        Input("refresh-interval", "n_intervals"),
+        Input("control-token", "data"),
         Input("submission", "data"),
-        Input("run-select", "value"),
+        State("run-select", "value"),
     )
-    def _status(_n: int | None, submission: dict | None, run_id: int | None) -> tuple[str, str]:
+    def _status(_token: dict | None, submission: dict | None,
+                run_id: int | None) -> tuple[str, str]:
         status = apply_status(ctx, run_id, submission)
         return status.text, status.class_name

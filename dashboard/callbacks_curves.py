@@ -109,15 +109,15 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Output("accuracy-graph", "extendData"),
         Output("curve-state", "data"),
         Output("smoothing-value", "children"),
-        Input("refresh-interval", "n_intervals"),
-        Input("run-select", "value"),
+        Input("step-token", "data"),
         Input("smoothing-slider", "value"),
         Input("log-y", "value"),
+        State("run-select", "value"),
         State("curve-state", "data"),
     )
     def _curves(
-        _n: int | None, run_id: int | None, weight: float | None, log_y: list[str] | None,
-        state: dict | None,
+        _token: dict | None, weight: float | None, log_y: list[str] | None,
+        run_id: int | None, state: dict | None,
     ) -> tuple:
         update = update_curves(ctx, run_id, weight, "log" in (log_y or []), state)
         if update is None:

@@ -109,11 +109,11 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Output("param-history-rows", "children"),
         Output("events-list", "children"),
         Output("history-state", "data"),
-        Input("refresh-interval", "n_intervals"),
-        Input("run-select", "value"),
+        Input("events-token", "data"),
+        State("run-select", "value"),
         State("history-state", "data"),
     )
-    def _history(_n: int | None, run_id: int | None, state: dict | None) -> tuple:
+    def _history(_token: dict | None, run_id: int | None, state: dict | None) -> tuple:
         update = update_history(ctx, run_id, state)
         if update is None:
             return no_update, no_update, no_update

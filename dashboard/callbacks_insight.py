@@ -297,12 +297,12 @@ def register(app: Dash, ctx: BoardContext) -> None:
         *(Output(g, "figure") for g in LAYER_GRAPHS),
         *(Output(g, "extendData") for g in LAYER_GRAPHS),
         Output("insight-state", "data"),
-        Input("refresh-interval", "n_intervals"),
-        Input("run-select", "value"),
+        Input("step-token", "data"),
         Input("layer-picker", "value"),
+        State("run-select", "value"),
         State("insight-state", "data"),
     )
-    def _layers(_n: int | None, run_id: int | None, layers: list[str] | None,
+    def _layers(_token: dict | None, layers: list[str] | None, run_id: int | None,
                 state: dict | None) -> tuple:
         update = update_layer_charts(ctx, run_id, layers, state)
         if update is None:

@@ -109,12 +109,12 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Output("checkpoint-select", "options"),
         Output("checkpoint-select", "value"),
         Output("rollback-button", "disabled"),
-        Input("refresh-interval", "n_intervals"),
-        Input("run-select", "value"),
+        Input("control-token", "data"),
+        State("run-select", "value"),
         State("checkpoint-select", "value"),
         State("checkpoint-select", "options"),
     )
-    def _view(_n: int | None, run_id: int | None, chosen: int | None,
+    def _view(_token: dict | None, run_id: int | None, chosen: int | None,
               shown: list[dict] | None) -> tuple:
         view = recovery_view(ctx, run_id, chosen)
         return (

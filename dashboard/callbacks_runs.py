@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from dash import Dash, Input, Output, State, html, no_update
+from dash import Dash, Input, Output, Patch, State, html, no_update
 
 from dashboard.context import BoardContext
 from dashboard.status import (
@@ -59,14 +59,22 @@ def _tile(label: str, value: str, class_name: str = "") -> html.Div:
     )
 
 
-def run_header(ctx: BoardContext, run_id: int | None, now: datetime | None = None) -> list[Any]:
-    """Name, status and the numbers that say how the run is going."""
-    if run_id is None:
-        return []
+@dataclass(frozen=True)
+class Header:
+    """What the run header shows: `fixed` changes only with the run, `live` every tick."""
+
+    fixed: dict[str, Any]
+    live: dict[str, str]
+
+
+LIVE_TILES = ("Epoch", "Step", "Steps/s", "Elapsed")  # tiles 3..6, after the fixed three
+
+
+def header_values(ctx: BoardContext, run_id: int, now: datetime | None = None) -> Header | None:
     now = now or utc_now()
     run = ctx.queries.run(run_id)
     if run is None:
-        return [html.Div(f"Run {run_id} no longer exists.", className="muted")]
+        return None
     status = effective_status(run, now)
     latest = ctx.queries.latest_statistics(run_id, 2)
     step = latest[0]["step"] if latest else 0
@@ -82,29 +90,60 @@ def run_header(ctx: BoardContext, run_id: int | None, now: datetime | None = Non
     beat_text = f"heartbeat {format_duration(beat)} ago" if is_live(status) else (
         f"ended {run['dt_ended']:%Y-%m-%d %H:%M:%S} UTC" if run["dt_ended"] else ""
     )
+    return Header(
+        fixed={"run_id": run_id, "name": run["name"], "model": run["model_name"],
+               "dataset": run["dataset"], "device": str(config.get("device", "—"))},
+        live={"status": status, "beat": beat_text, "Epoch": str(epoch), "Step": f"{step:,}",
+              "Steps/s": rate, "Elapsed": format_duration(elapsed)},
+    )
+
+
+def run_header(ctx: BoardContext, run_id: int | None, now: datetime | None = None) -> list[Any]:
+    """Name, status and the numbers that say how the run is going."""
+    if run_id is None:
+        return []
+    return header_children(run_id, header_values(ctx, run_id, now))
+
+
+def header_children(run_id: int, header: Header | None) -> list[Any]:
+    if header is None:
+        return [html.Div(f"Run {run_id} no longer exists.", className="muted")]
+    fixed, live = header.fixed, header.live
     return [
         html.Div(
             [
                 html.Span(f"#{run_id}", className="run-id"),
-                html.H1(run["name"], className="run-name"),
-                html.Span(status, className=f"badge status-{status}", id="run-status"),
-                html.Span(beat_text, className="run-beat"),
+                html.H1(fixed["name"], className="run-name"),
+                html.Span(live["status"], className=f"badge status-{live['status']}",
+                          id="run-status"),
+                html.Span(live["beat"], className="run-beat"),
             ],
             className="run-title",
         ),
         html.Div(
             [
-                _tile("Model", run["model_name"]),
-                _tile("Dataset", run["dataset"]),
-                _tile("Device", str(config.get("device", "—"))),
-                _tile("Epoch", str(epoch)),
-                _tile("Step", f"{step:,}", "tile-step"),
-                _tile("Steps/s", rate),
-                _tile("Elapsed", format_duration(elapsed)),
+                _tile("Model", fixed["model"]),
+                _tile("Dataset", fixed["dataset"]),
+                _tile("Device", fixed["device"]),
+                *(_tile(label, live[label], "tile-step" if label == "Step" else "")
+                  for label in LIVE_TILES),
             ],
             className="tiles",
         ),
     ]
+
+
+def header_patch(live: dict[str, str]) -> Patch:
+    """The live values only, into the header run_header built for the same run."""
+    patch = Patch()
+    title = patch[0]["props"]["children"]
+    title[2]["props"].update({"children": live["status"],
+                              "className": f"badge status-{live['status']}"})
+    title[3]["props"]["children"] = live["beat"]
+    tiles = patch[1]["props"]["children"]
+    for i, label in enumerate(LIVE_TILES, start=3):
+        tiles[i]["props"]["children"][1]["props"]["children"] = live[label]
+    return patch
 
 
 def refresh_settings(interval_ms: int | None) -> tuple[bool, int]:
@@ -138,11 +177,19 @@ def register(app: Dash, ctx: BoardContext) -> None:
 
     @app.callback(
         Output("run-header", "children"),
+        Output("header-state", "data"),
         Input("refresh-interval", "n_intervals"),
         Input("run-select", "value"),
+        State("header-state", "data"),
     )
-    def _header(_n: int | None, run_id: int | None) -> list[Any]:
-        return run_header(ctx, run_id)
+    def _header(_n: int | None, run_id: int | None, shown: dict | None) -> tuple:
+        """A whole header when the run (or its name) changed, else only its live values."""
+        header = header_values(ctx, run_id) if run_id is not None else None
+        if header is not None and header.fixed == shown:
+            return header_patch(header.live), no_update
+        if run_id is None:
+            return [], None
+        return header_children(run_id, header), header.fixed if header else None
 
     @app.callback(
         Output("refresh-interval", "disabled"),

@@ -340,6 +340,11 @@ def stores() -> list[dcc.Store]:
         dcc.Store(id="insight-state"),
         dcc.Store(id="histograms-state"),
         dcc.Store(id="system-state"),
+        # What changed at the last refresh (dashboard.callbacks_changes).
+        dcc.Store(id="step-token"),
+        dcc.Store(id="control-token"),
+        dcc.Store(id="events-token"),
+        dcc.Store(id="header-state"),
     ]
 
 

@@ -45,6 +45,32 @@ class BoardQueries:
         )
         return _rows(self.engine, query)
 
+    def change_marks(self, run_id: int) -> dict[str, Any] | None:
+        """In one round trip, a mark of everything a refresh may have to redraw: the
+        newest logged step and activations, rollbacks, the parameters row, checkpoints,
+        events and the run's state. Each is an index-only MAX or COUNT, or a key lookup."""
+        def newest(column: Any, table: Any) -> Any:
+            return select(func.max(column)).where(table.c.run_id == run_id).scalar_subquery()
+
+        r, p, c = s.runs, s.parameters, s.checkpoints
+        query = (
+            select(
+                newest(s.statistics.c.step, s.statistics).label("step"),
+                newest(s.activations.c.step, s.activations).label("activation_step"),
+                newest(s.abandoned_statistics.c.branch, s.abandoned_statistics).label("rollbacks"),
+                newest(s.events.c.event_id, s.events).label("event_id"),
+                newest(c.c.step, c).label("checkpoint_step"),
+                select(func.count()).where(c.c.run_id == run_id).scalar_subquery()
+                .label("checkpoints"),
+                p.c.version, p.c.applied_version, r.c.name, r.c.status, r.c.dt_heartbeat,
+                r.c.dt_ended,
+            )
+            .select_from(r.outerjoin(p, p.c.run_id == r.c.run_id))
+            .where(r.c.run_id == run_id)
+        )
+        rows = _rows(self.engine, query)
+        return rows[0] if rows else None
+
     def run(self, run_id: int) -> dict[str, Any] | None:
         rows = _rows(self.engine, select(s.runs).where(s.runs.c.run_id == run_id))
         return rows[0] if rows else None

@@ -57,7 +57,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pre_ping: bool = True) -> Engine:
+    """pre_ping: test a pooled PostgreSQL connection before each use (a round trip).
+    Without it a connection the server dropped fails once, and the pool is renewed."""
     url = resolve_url(url)
     if make_url(url).get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"timeout": 10})
@@ -65,7 +67,7 @@ def make_engine(url: str) -> Engine:
         return engine
     # connect_timeout: a host that drops packets fails in seconds, not minutes.
     return create_engine(
-        url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+        url, pool_pre_ping=pre_ping, pool_size=5, max_overflow=5,
         connect_args={"connect_timeout": 5},
     )
 
@@ -172,9 +174,10 @@ ROW_TABLES = {
 class Store:
     """The database contract as Python calls; one instance per process."""
 
-    def __init__(self, url: str | None = None, create: bool = True) -> None:
+    def __init__(self, url: str | None = None, create: bool = True,
+                 pre_ping: bool = True) -> None:
         self.url = resolve_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, pre_ping)
         if create:
             s.create_schema(self.engine)
 

@@ -16,6 +16,7 @@ import pytest
 from dash import html
 
 from dashboard.callbacks_activations import update_activations
+from dashboard.callbacks_changes import change_tokens
 from dashboard.callbacks_controls import (
     apply_status,
     field_errors,
@@ -455,3 +456,31 @@ def test_activations_follow_the_models_forward_order(ctx: BoardContext, store: S
     ))
     figure = update_activations(ctx, run_id, None).figure
     assert [t["name"] for t in figure["data"]] == names
+
+
+def test_each_change_wakes_only_the_panels_it_concerns(ctx: BoardContext, store: Store) -> None:
+    run_id = new_run(store)
+    row = {"epoch": 1, "optimizer": "Adam", "learning_rate": 3e-4, "weight_decay": 0.0,
+           "dropout": 50, "train_loss": 1.0}
+    store.write_batch(run_id, Batch(statistics=[{"step": 10, "dt": now(), **row}],
+                                    heartbeat=now()))
+    step, control, events = change_tokens(ctx, run_id)
+    assert change_tokens(ctx, run_id) == (step, control, events)  # nothing new: nothing fires
+
+    store.write_batch(run_id, Batch(statistics=[{"step": 20, "dt": now(), **row}]))
+    new = change_tokens(ctx, run_id)
+    assert (new[0] != step, new[1] == control, new[2] == events) == (True, True, True)
+
+    store.submit_parameters(run_id, learning_rate=1e-3)
+    newer = change_tokens(ctx, run_id)
+    assert (newer[0] == new[0], newer[1] != new[1], newer[2] == new[2]) == (True, True, True)
+
+    store.write_batch(run_id, Batch(events=[{"level": "info", "code": "x", "message": "m",
+                                             "step": 20, "dt": now()}]))
+    latest = change_tokens(ctx, run_id)
+    assert (latest[0] == newer[0], latest[1] == newer[1], latest[2] != newer[2]) == (
+        True, True, True)
+
+    other = new_run(store, "other")  # another run: every panel redraws once
+    assert all(a != b for a, b in zip(change_tokens(ctx, other), latest, strict=True))
+    assert change_tokens(ctx, None) == ({"run_id": None},) * 3

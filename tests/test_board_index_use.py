@@ -52,6 +52,7 @@ def seed(store: Store) -> int:
 
 def every_board_query(q: BoardQueries, run_id: int) -> None:
     q.runs()
+    q.change_marks(run_id)
     q.run(run_id)
     q.latest_statistics(run_id)
     q.curve_points(run_id, after_step=100)

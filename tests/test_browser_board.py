@@ -281,6 +281,12 @@ def test_watch_steer_and_stop_a_run(
             drawn = trace(browser, "loss-graph", 0)
             assert drawn["x"] == [r["step"] for r in logged]
             assert drawn["y"] == pytest.approx([r["train_loss"] for r in logged])
+            # The activation histograms, patched in place refresh after refresh, are the
+            # last logged step's.
+            latest = {tuple(r["counts"]) for r in store.latest_activations(run_id)}
+            until(browser, lambda d: {tuple(trace(d, "activations-graph", i)["y"])
+                                      for i in range(len(latest))} == latest,
+                  "the last step's activation histograms")
             errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
             assert not errors, errors
     finally:
