@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench schema browser clean
+.PHONY: demo test lint bench soak schema browser clean
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP) browser lint
 
 bench: $(STAMP)
 	$(PYTHON) -m bench
+
+# 20 minutes of training with the board refreshing every second; memory, events, rows.
+soak: $(STAMP)
+	$(PYTHON) -m bench.soak --minutes 20
 
 # db/schema.sql is generated from db/schema.py; a test fails when it is stale.
 schema: $(STAMP)

@@ -1,19 +1,42 @@
-"""`make bench`: every benchmark in turn, each printing its table and its command line."""
+"""`make bench`: every benchmark in turn, each printing its table, its command line and
+its budgets; then every budget once more, with PASS/FAIL, in one closing table."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
-BENCHMARKS = ("bench.overhead", "bench.control_latency", "bench.ingest", "bench.board_refresh")
+import psutil
+
+BENCHMARKS = ("bench.overhead", "bench.control_latency", "bench.ingest", "bench.board_refresh",
+              "bench.memory")
 
 
 def main() -> int:
-    failed = 0
+    verdicts: list[str] = []
+    crashed: list[str] = []
     for name in BENCHMARKS:
         print(f"\n== {name}", flush=True)
-        failed += subprocess.run([sys.executable, "-m", name], check=False).returncode != 0
-    return 1 if failed else 0
+        own: list[str] = []
+        with subprocess.Popen([sys.executable, "-m", name], stdout=subprocess.PIPE,
+                              text=True, bufsize=1) as proc:
+            for line in proc.stdout or ():
+                print(line, end="", flush=True)
+                if line.startswith(("[PASS]", "[FAIL]")):
+                    own.append(line.rstrip())
+        verdicts += own
+        if proc.returncode != 0 and not any(v.startswith("[FAIL]") for v in own):
+            crashed.append(f"[FAIL] {name} exited with {proc.returncode} before its verdicts")
+    memory = psutil.virtual_memory().total / 2**30
+    print(f"\n== budgets ({platform.processor() or platform.machine()}, "
+          f"{psutil.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()})")
+    for line in verdicts + crashed:
+        print(line)
+    missed = sum(v.startswith("[FAIL]") for v in verdicts)
+    print(f"\n{len(verdicts) - missed} of {len(verdicts)} budgets met"
+          + (f"; {len(crashed)} benchmark(s) crashed" if crashed else ""))
+    return 1 if missed or crashed else 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Any
 
 import psycopg
 
+from bench import budget
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -150,7 +152,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{percentile(a, 50):>15.1f} / {percentile(a, 95):<13.1f} "
               f"{percentile(s, 50):>13.1f} / {percentile(s, 95):<13.1f}")
     print(f"reproduce: python -m bench.control_latency --changes {args.changes}")
-    return 0
+    verdicts = []
+    for r in results:
+        limit = r["step_ms"] + budget.CONTROL_SLACK_MS[r["backend"]]
+        for key, what in (("applied", "submit->dt_applied"), ("seen", "submit->ack seen")):
+            verdicts.append(budget.Verdict(
+                f"control latency {r['backend']} {what} p95 (one step + "
+                f"{budget.CONTROL_SLACK_MS[r['backend']]:.0f} ms)",
+                percentile(r[key], 95), limit, "ms"))
+    return budget.report(verdicts)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 
+from bench import budget
 from db.store import Store, now
 from db.writer import BackgroundWriter
 from hyperparams import Hyperparameters
@@ -95,7 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{backend:<11} {r['stat_rows_s']:>13,.0f} {r['hist_rows_s']:>12,.0f} "
               f"{r['p50']:>10.4f} / {r['p99']:<9.4f} {r['hist_p99']:>17.4f}")
     print(f"reproduce: python -m bench.ingest --rows {args.rows}")
-    return 0
+    if "postgresql" not in results:
+        return 0
+    pg = results["postgresql"]
+    return budget.report([
+        budget.Verdict("ingest postgresql statistics rows/s", pg["stat_rows_s"],
+                       budget.INGEST_STATS_ROWS_S, "rows/s", at_least=True),
+        budget.Verdict("ingest postgresql histogram rows/s", pg["hist_rows_s"],
+                       budget.INGEST_HIST_ROWS_S, "rows/s", at_least=True),
+        *(budget.Verdict(f"log call on the training thread p99 ({backend})", r["p99"],
+                         budget.LOG_CALL_P99_MS, "ms") for backend, r in results.items()),
+    ])
 
 
 if __name__ == "__main__":

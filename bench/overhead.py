@@ -1,8 +1,9 @@
 """Trainer overhead: this project's trainer against a bare loop and TensorBoard's writer.
 
 Three ways to run the same steps (small CNN, mnist5k, Adam, batch 64, validation
-on 10 batches every --log-every steps), each in a fresh process, interleaved in
-rounds (A B C, A B C, ...):
+on 10 batches every --log-every steps and on the whole validation set at each
+epoch's end and the last step, train.py's schedule), each in a fresh process,
+interleaved in rounds (A B C, A B C, ...):
   bare         a plain PyTorch loop;
   ours         train.py with its defaults (control listener, background writer,
                per-layer telemetry and diagnostics every log);
@@ -10,11 +11,25 @@ rounds (A B C, A B C, ...):
                the same scalars and the same histograms (activations, weights,
                updates per layer).
 Each process times the same span: from the end of the step-0 validation to the
-end of the last log. Prints each variant's median time per step and its median
-ratio to bare in the same round, per back end; --every-step repeats ours with
-telemetry on every step.
+end of the last log. Per back end, prints each variant's fastest time per step and
+its ratio to bare's fastest -- the figure the budget is checked on -- and, beside
+it, the median and the range of its ratios to bare within a round; then the three
+again with a log (validation and telemetry) on every step, a shorter run.
 
-    python -m bench.overhead [--rounds 5] [--steps 300] [--sqlite-only]
+Why the fastest: the time of one identical run varies from process to process on
+this machine (other processes, the hypervisor), and that noise only ever adds
+time. The fastest of several interleaved runs is each variant's cost with the
+least of it (as `timeit` reports); the per-round ratios show how wide the noise is.
+
+Every variant runs torch on one intra-op thread (--threads 1). With two threads on
+this 2-core machine the same loop's time differs by up to 7 % from one process to
+the next (measured: 9.2 to 10.6 s for identical runs), more than the 3 % budget;
+with one thread the spread is about 2 %. The second core is then free for what a
+real machine gives it: the database server and the background threads of ours and
+of TensorBoard's writer alike.
+
+    python -m bench.overhead [--rounds 7] [--steps 400] [--every-step-steps 60]
+                             [--backends sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -30,8 +45,12 @@ import time
 import uuid
 from pathlib import Path
 
+from bench import budget
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+VARIANTS = ("bare", "ours", "tensorboard")
+VALIDATION_BATCHES = 10  # train.py's --val-batches default
 
 
 def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) -> float:
@@ -72,8 +91,9 @@ def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) 
             layer.module.register_forward_hook(
                 lambda m, i, o, name=layer.name: captured.__setitem__(name, o.detach()))
 
-    def log(step: int, train_loss: float, before: list[torch.Tensor]) -> None:
-        val_loss, val_acc = evaluate(model, val_loader, torch.device("cpu"), max_batches=10)
+    def log(step: int, train_loss: float, before: list[torch.Tensor], full: bool) -> None:
+        val_loss, val_acc = evaluate(model, val_loader, torch.device("cpu"),
+                                     max_batches=None if full else VALIDATION_BATCHES)
         if board is None:
             return
         board.add_scalar("loss/train", train_loss, step)
@@ -86,12 +106,17 @@ def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) 
             board.add_histogram(f"updates/{layer.name}", layer.module.weight - b, step)
         board.flush()
 
-    log(0, float("nan"), [])
+    log(0, float("nan"), [], full=False)
     started = time.perf_counter()
     step, loss_sum = 0, torch.zeros(())
+    steps_per_epoch = len(train_loader)
     while step < steps:
-        for x, y in train_loader:
-            logging = (step + 1) % log_every == 0 or step + 1 == steps
+        for i, (x, y) in enumerate(train_loader):
+            # train.py's schedule: a log every log_every steps, plus a full validation
+            # at each epoch's end (when epochs are longer than a log) and at the last step.
+            end_of_epoch = i == steps_per_epoch - 1 and steps_per_epoch >= log_every
+            done = step + 1 == steps
+            logging = (step + 1) % log_every == 0 or end_of_epoch or done
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -101,7 +126,7 @@ def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) 
             loss_sum += loss.detach()
             step += 1
             if logging:
-                log(step, (loss_sum / log_every).item(), before)
+                log(step, (loss_sum / log_every).item(), before, full=end_of_epoch or done)
                 loss_sum.zero_()
             if step == steps:
                 break
@@ -129,14 +154,53 @@ def drop(server: str, name: str | None) -> None:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def measure(backend: str, variant: str, steps: int, log_every: int, server: str,
+            threads: int) -> float:
+    """One run of one variant in a fresh process and a fresh database; its seconds."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        url, name = database(backend, Path(tmp), server)
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.overhead", "--variant", variant,
+                 "--steps", str(steps), "--log-every", str(log_every), "--db", url,
+                 "--logdir", tmp],
+                cwd=tmp, env=env, capture_output=True, text=True, check=True,
+            ).stdout.strip().splitlines()[-1]
+        finally:
+            drop(server, name)
+    return json.loads(out)["seconds"]
+
+
+def interleaved(backend: str, steps: int, log_every: int, rounds: int, server: str,
+                threads: int) -> dict[str, tuple[float, float, float, float, float]]:
+    """variant -> (fastest ms/step, its ratio to bare's fastest, then the median and the
+    range of the ratios to bare within a round)."""
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for variant in VARIANTS:
+            times[variant].append(measure(backend, variant, steps, log_every, server, threads))
+    out = {}
+    for variant, seconds in times.items():
+        ratios = [s / b for s, b in zip(seconds, times["bare"], strict=True)]
+        out[variant] = (1000 * min(seconds) / steps, min(seconds) / min(times["bare"]),
+                        stats.median(ratios), min(ratios), max(ratios))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--every-step-steps", type=int, default=60,
+                   help="steps of the every-step comparison (0: skip it)")
+    p.add_argument("--every-step-rounds", type=int, default=3)
     p.add_argument("--postgres", default=DEFAULT_POSTGRES)
-    p.add_argument("--sqlite-only", action="store_true")
-    p.add_argument("--every-step", action="store_true", help="also: ours with --log-every 1")
+    p.add_argument("--backends", default="sqlite,postgresql")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads in every variant (see the module's docstring)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--db", help=argparse.SUPPRESS)
     p.add_argument("--logdir", help=argparse.SUPPRESS)
@@ -147,43 +211,37 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"seconds": seconds}))
         return 0
 
-    variants = [("bare", args.log_every), ("ours", args.log_every),
-                ("tensorboard", args.log_every)]
-    if args.every_step:
-        variants.append(("ours", 1))
-    backends = ["sqlite"] if args.sqlite_only else ["sqlite", "postgresql"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    table = []
-    for backend in backends:
-        times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
-        for _ in range(args.rounds):
-            for variant, every in variants:
-                with tempfile.TemporaryDirectory() as tmp:
-                    url, name = database(backend, Path(tmp), args.postgres)
-                    try:
-                        out = subprocess.run(
-                            [sys.executable, "-m", "bench.overhead", "--variant", variant,
-                             "--steps", str(args.steps), "--log-every", str(every),
-                             "--db", url, "--logdir", tmp],
-                            cwd=tmp, env=env, capture_output=True, text=True, check=True,
-                        ).stdout.strip().splitlines()[-1]
-                    finally:
-                        drop(args.postgres, name)
-                times[(variant, every)].append(json.loads(out)["seconds"])
-        bare = times[("bare", args.log_every)]
-        for (variant, every), seconds in times.items():
-            ratios = [s / b for s, b in zip(seconds, bare, strict=True)]
-            table.append((backend, variant if every == args.log_every else f"{variant} every step",
-                          1000 * stats.median(seconds) / args.steps, stats.median(ratios)))
+    table, verdicts = [], []
+    for backend in args.backends.split(","):
+        default = interleaved(backend, args.steps, args.log_every, args.rounds, args.postgres,
+                              args.threads)
+        table += [(backend, f"{v} (every {args.log_every})", *r) for v, r in default.items()]
+        verdicts += [
+            budget.Verdict(f"trainer overhead {backend}, x bare", default["ours"][1],
+                           budget.OVERHEAD_RATIO, "x"),
+            budget.Verdict(f"trainer overhead {backend}, x bare, below TensorBoard's",
+                           default["ours"][1], default["tensorboard"][1], "x"),
+        ]
+        if args.every_step_steps:
+            every = interleaved(backend, args.every_step_steps, 1, args.every_step_rounds,
+                                args.postgres, args.threads)
+            table += [(backend, f"{v} (every step)", *r) for v, r in every.items()]
 
-    print(f"\ntrainer overhead: {args.steps} steps, validation and telemetry every "
-          f"{args.log_every}, {args.rounds} interleaved rounds (median)")
-    print(f"{'back end':<11} {'variant':<17} {'ms/step':>8} {'x bare':>7}")
-    for backend, variant, ms, ratio in table:
-        print(f"{backend:<11} {variant:<17} {ms:>8.2f} {ratio:>7.3f}")
-    print(f"reproduce: python -m bench.overhead --rounds {args.rounds} --steps {args.steps}"
-          + (" --every-step" if args.every_step else ""))
-    return 0
+    print(f"\ntrainer overhead: smallcnn on mnist5k, batch 64, 10 validation batches per log, "
+          f"{args.threads} torch thread(s); "
+          f"{args.steps} steps logged every {args.log_every} ({args.rounds} interleaved rounds; "
+          "ms/step and x bare: each variant's fastest run)"
+          + (f", and {args.every_step_steps} steps logged every step "
+             f"({args.every_step_rounds} rounds)" if args.every_step_steps else ""))
+    print(f"{'back end':<11} {'variant':<24} {'ms/step':>8} {'x bare':>7} "
+          f"{'per round: median':>18} {'min-max':>12}")
+    for backend, variant, ms, ratio, median, low, high in table:
+        print(f"{backend:<11} {variant:<24} {ms:>8.2f} {ratio:>7.3f} {median:>18.3f} "
+              f"{low:>6.3f}-{high:.3f}")
+    print(f"reproduce: python -m bench.overhead --rounds {args.rounds} --steps {args.steps} "
+          f"--every-step-steps {args.every_step_steps} --threads {args.threads} "
+          f"--backends {args.backends}")
+    return budget.report(verdicts)
 
 
 if __name__ == "__main__":
