@@ -10,7 +10,7 @@ import sys
 import psutil
 
 BENCHMARKS = ("bench.overhead", "bench.control_latency", "bench.ingest", "bench.board_refresh",
-              "bench.memory")
+              "bench.memory", "bench.seed_design")
 
 
 def main() -> int:
