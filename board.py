@@ -2,9 +2,12 @@
 
     python board.py                                   # the embedded SQLite default
     python board.py --db postgresql://postgres@127.0.0.1/postgres --port 8050
+    python board.py --db postgresql://... --workers 4   # gunicorn, for many viewers
 
 It reads and writes only the database contract (db/schema.py), so it works
-with a trainer on another machine, with several runs, and after a restart.
+with a trainer on another machine, with several runs, and after a restart. It
+keeps no state between requests (the page holds what it shows, the database the
+rest), so any worker may answer any request.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from dash import Dash
+from flask import Flask
 from sqlalchemy.exc import OperationalError
 
 from dashboard.app import create_app
@@ -33,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "else sqlite:///training.db)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind")
     p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--workers", type=int, default=1,
+                   help="more than 1: serve with gunicorn, this many worker processes")
     p.add_argument("--debug", action="store_true",
                    help="Dash dev server with hot reload and dev tools instead of waitress")
     return p.parse_args(argv)
@@ -66,12 +74,20 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     url = resolve_url(args.db)
-    store = open_store(url)
-    app = create_app(BoardContext.for_store(store))
-    if credentials is not None:
-        guard_writes(app.server, credentials)
+
+    def make_app() -> Dash:
+        """The app with its own store: built in each worker, never shared across a fork."""
+        app = create_app(BoardContext.for_store(open_store(url)))
+        if credentials is not None:
+            guard_writes(app.server, credentials)
+        return app
+
     print(f"board on http://{args.host}:{args.port}/  database {describe_url(url)}",
           file=sys.stderr, flush=True)
+    if args.workers > 1:
+        serve_with_gunicorn(lambda: make_app().server, args.host, args.port, args.workers)
+        return 0
+    app = make_app()
     try:
         if args.debug:
             app.run(host=args.host, port=args.port, debug=True)
@@ -83,9 +99,26 @@ def main(argv: list[str] | None = None) -> int:
                   ident="board")
     except KeyboardInterrupt:
         pass
-    finally:
-        store.close()
     return 0
+
+
+def serve_with_gunicorn(make_server: Callable[[], Flask], host: str, port: int,
+                        workers: int) -> None:
+    """gunicorn's master and `workers` processes, each building its own app and store."""
+    from gunicorn.app.base import BaseApplication
+
+    class Board(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("worker_class", "gthread")
+            self.cfg.set("threads", SERVER_THREADS)
+            self.cfg.set("accesslog", None)
+
+        def load(self) -> Flask:
+            return make_server()
+
+    Board().run()
 
 
 if __name__ == "__main__":

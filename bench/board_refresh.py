@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import math
 import os
@@ -169,8 +170,9 @@ class DashPage:
 
     BROWSER_CONNECTIONS = 6  # what a browser opens to one host
 
-    def __init__(self, port: int, run_id: int) -> None:
-        self.port = port
+    def __init__(self, port: int, run_id: int, *more_ports: int) -> None:
+        """With more ports, the requests go to each in turn: boards behind a balancer."""
+        self.ports = itertools.cycle((port, *more_ports))
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self.callbacks = self.get_json("/_dash-dependencies")
@@ -182,14 +184,18 @@ class DashPage:
 
     @property
     def conn(self) -> http.client.HTTPConnection:
-        """This thread's keep-alive connection."""
-        if not hasattr(self._local, "conn"):
-            self._local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        return self._local.conn
+        """This thread's keep-alive connection to the next port in turn."""
+        port = next(self.ports)
+        if not hasattr(self._local, "conns"):
+            self._local.conns = {}
+        if port not in self._local.conns:
+            self._local.conns[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        return self._local.conns[port]
 
     def get_json(self, path: str) -> Any:
-        self.conn.request("GET", path)
-        return json.loads(self.conn.getresponse().read())
+        conn = self.conn
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
 
     def triggered_by(self, prop: Prop) -> list[dict[str, Any]]:
         return [cb for cb in self.callbacks
@@ -211,9 +217,10 @@ class DashPage:
             "changedPropIds": [".".join(t) for t in triggers],
         })
         started = time.perf_counter()
-        self.conn.request("POST", "/_dash-update-component", body,
-                          {"Content-Type": "application/json"})
-        response = self.conn.getresponse()
+        conn = self.conn
+        conn.request("POST", "/_dash-update-component", body,
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
         payload = response.read()
         seconds = time.perf_counter() - started
         changed: list[Prop] = []

@@ -25,12 +25,13 @@ WRITES_PER_WRITER = 100
 
 
 @contextmanager
-def board_process(url: str, tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def board_process(url: str, tmp_path: Path,
+                  *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """board.py in its own process, without credentials, on a free loopback port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOARD_")}
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "board.py"), "--db", url, "--port", str(port)],
+        [sys.executable, str(ROOT / "board.py"), "--db", url, "--port", str(port), *extra],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     address = f"http://127.0.0.1:{port}"
