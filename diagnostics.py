@@ -81,7 +81,8 @@ class LayerRecord:
     act_std: float
     zero_fraction: float  # fraction of exact zeros in that activation (0..1)
     dead_fraction: float  # fraction of units zero for every sample of the batch (0..1)
-    grad_norm: float  # L2 norm of the weight gradient at the last step
+    grad_norm: float | None  # L2 norm of the weight gradient at the last step; None when
+    # not measured (a log that ends a stopped run follows no fresh backward pass)
     update_ratio: float  # mean|dw| / mean|w| over the last optimizer step (NaN if undefined)
     has_nonlinearity: bool  # False for the logits layer: activation rules skip it
 
@@ -394,9 +395,11 @@ def rule_exploding_gradients(history: Sequence[StepRecord], num_classes: int) ->
     findings = []
     for layer in record.layers:
         previous = [
-            g for g in _layer_values(previous_records, layer.name, "grad_norm") if math.isfinite(g)
+            g for g in _layer_values(previous_records, layer.name, "grad_norm")
+            if g is not None and math.isfinite(g)
         ]
-        if len(previous) < GRADIENT_BASELINE_MIN_LOGS or not math.isfinite(layer.grad_norm):
+        if (len(previous) < GRADIENT_BASELINE_MIN_LOGS or layer.grad_norm is None
+                or not math.isfinite(layer.grad_norm)):
             continue
         baseline = median(previous)
         if baseline <= 0 or layer.grad_norm <= GRADIENT_SPIKE_FACTOR * baseline:
@@ -483,7 +486,7 @@ def rule_non_finite(history: Sequence[StepRecord], num_classes: int) -> list[Fin
         places.append(f"validation loss ({record.validate_loss})")
     for layer in record.layers:
         values = [("activation mean", layer.act_mean), ("activation std", layer.act_std)]
-        if record.step > 0:
+        if record.step > 0 and layer.grad_norm is not None:
             values.append(("gradient norm", layer.grad_norm))
         bad = [f"{label} {value}" for label, value in values if not math.isfinite(value)]
         if math.isinf(layer.update_ratio):

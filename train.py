@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             layers=tuple(LayerRecord(
                 name=r["layer_name"], act_mean=_float(r["act_mean"]),
                 act_std=_float(r["act_std"]), zero_fraction=_float(r["zero_fraction"]),
-                dead_fraction=_float(r["dead_fraction"]), grad_norm=_float(r["grad_norm"]),
+                dead_fraction=_float(r["dead_fraction"]), grad_norm=r["grad_norm"],
                 update_ratio=_float(r["update_ratio"]), has_nonlinearity=r["has_nonlinearity"],
             ) for r in layers),
         )

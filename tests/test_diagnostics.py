@@ -599,6 +599,17 @@ def test_undefined_values_are_not_non_finite() -> None:
     assert diagnose(run) == []
 
 
+def test_a_gradient_not_measured_is_not_non_finite() -> None:
+    """The log that ends a stopped run follows no fresh backward pass: its gradient norms
+    are None, and that is no error (a soak found the final log of every stopped run
+    reported as non-finite)."""
+    run = healthy_run(12)
+    set_layer(run, "features.4", "grad_norm", [None])
+    assert found(run, "non_finite") == [] and found(run, "exploding_gradients") == []
+    set_layer(run, "features.4", "grad_norm", [math.nan])  # measured, and NaN: an error
+    assert "gradient norm nan" in only(run, "non_finite").message
+
+
 # --- the Diagnostician ---------------------------------------------------------------------
 
 

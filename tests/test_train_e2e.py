@@ -185,6 +185,8 @@ def test_ctrl_c_stops_gracefully(tmp_path: Path, sqlite_url: str) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     assert sql.one("SELECT status FROM runs")[0] == "stopped"
+    # The final log, off the --log-every schedule, is no reason for an error event.
+    assert sql.rows("SELECT code, message FROM events WHERE level = 'error'") == []
     (path,) = sql.one("SELECT path FROM checkpoints ORDER BY step DESC LIMIT 1")
     assert (tmp_path / path).exists()
     sql.close()
