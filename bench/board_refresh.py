@@ -197,10 +197,6 @@ class DashPage:
         conn.request("GET", path)
         return json.loads(conn.getresponse().read())
 
-    def triggered_by(self, prop: Prop) -> list[dict[str, Any]]:
-        return [cb for cb in self.callbacks
-                if any((i["id"], i["property"]) == prop for i in cb["inputs"])]
-
     def fire(self, callback: dict[str, Any],
              triggers: list[Prop]) -> tuple[float, int, list[Prop]]:
         """POST one callback; returns (seconds, response bytes, the props it changed) and

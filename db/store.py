@@ -141,13 +141,12 @@ class Batch:
     ended: datetime | None = None
 
     def rows(self) -> int:
+        """Rows to insert or acknowledge: what the writer's memory bound counts."""
         return sum(len(getattr(self, name)) for name in ROW_TABLES) + len(self.acknowledgements)
 
     def __len__(self) -> int:
-        rows = sum(len(getattr(self, name)) for name in ROW_TABLES)
         return (
-            rows
-            + len(self.acknowledgements)
+            self.rows()
             + len(self.removed_checkpoints)
             + (self.abandon_after is not None)
             + (self.heartbeat is not None)
