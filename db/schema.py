@@ -17,6 +17,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Connection,
     DateTime,
     Double,
     Engine,
@@ -32,11 +33,13 @@ from sqlalchemy import (
     event,
     false,
     func,
+    inspect,
     select,
     text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
@@ -127,6 +130,10 @@ runs = Table(
     _timestamp("dt_heartbeat"),
     Column("dt_ended", UTCDateTime(), nullable=True),
     Column("config", JSONDocument, nullable=False),
+    # Written by the board (or any client), never by the trainer: a JSON list of short
+    # labels, and whether the run is left out of the board's run lists.
+    Column("tags", JSONDocument, nullable=False, server_default=text("'[]'")),
+    Column("hidden", Boolean, nullable=False, server_default=false()),
     CheckConstraint(_in("status", RUN_STATUSES), name="runs_status_check"),
 )
 
@@ -399,7 +406,8 @@ SCHEMA_LOCK = 7_311_001  # PostgreSQL advisory lock key held while the schema is
 
 
 def create_schema(engine: Engine) -> None:
-    """Create whatever tables (and their triggers) are missing.
+    """Create whatever tables (and their triggers) are missing, and add the columns a
+    database made by an older version lacks.
 
     Processes that start together on an empty database (a sweep, the board and a
     trainer) would race between "is it there?" and CREATE; under a lock one creates
@@ -411,6 +419,33 @@ def create_schema(engine: Engine) -> None:
         elif engine.dialect.name == "sqlite":
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, taken before the checks
         metadata.create_all(conn, checkfirst=True)
+        add_missing_columns(conn)
+
+
+def add_missing_columns(conn: Connection, tables: Any = None) -> list[str]:
+    """`ALTER TABLE ... ADD COLUMN` for each column of `tables` (default: every table)
+    that the database lacks; returns them as "table.column".
+
+    Additive only: a column is added only if rows that exist already can have it, that
+    is if it is nullable or has a server default. Anything else is refused before any
+    change, as it needs a migration by hand. The tables must exist.
+    """
+    tables = list(metadata.sorted_tables if tables is None else tables)
+    found = inspect(conn).get_multi_columns(filter_names=[t.name for t in tables])
+    present = {name: {c["name"] for c in columns} for (_, name), columns in found.items()}
+    missing = [(t, c) for t in tables for c in t.columns
+               if t.name in present and c.name not in present[t.name]]
+    refused = [f"{t.name}.{c.name}" for t, c in missing
+               if not c.nullable and c.server_default is None]
+    if refused:
+        raise RuntimeError(f"the database lacks {', '.join(refused)}, NOT NULL without a "
+                           "default: add them by hand")
+    preparer = conn.dialect.identifier_preparer
+    for table, column in missing:
+        spec = str(CreateColumn(column).compile(dialect=conn.dialect))
+        conn.execute(DDL(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN "
+                         + spec.replace("%", "%%")))
+    return [f"{t.name}.{c.name}" for t, c in missing]
 
 
 def postgresql_ddl() -> str:

@@ -10,6 +10,8 @@ CREATE TABLE runs (
 	dt_heartbeat TIMESTAMP WITH TIME ZONE DEFAULT clock_timestamp() NOT NULL,
 	dt_ended TIMESTAMP WITH TIME ZONE,
 	config JSONB NOT NULL,
+	tags JSONB DEFAULT '[]' NOT NULL,
+	hidden BOOLEAN DEFAULT false NOT NULL,
 	PRIMARY KEY (run_id),
 	CONSTRAINT runs_status_check CHECK (status IN ('running', 'paused', 'stopped', 'finished', 'failed'))
 );

@@ -7,10 +7,22 @@ import subprocess
 import threading
 from pathlib import Path
 
-from sqlalchemy import create_engine, inspect, make_url, text
+import pytest
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    inspect,
+    make_url,
+    text,
+)
 
-from db.schema import metadata, postgresql_ddl
+from db.schema import add_missing_columns, metadata, postgresql_ddl
 from db.store import Store
+from hyperparams import DEFAULTS, Hyperparameters
 
 SCHEMA_SQL = Path(__file__).resolve().parent.parent / "db" / "schema.sql"
 
@@ -132,4 +144,59 @@ def test_processes_starting_together_on_an_empty_database(db_url: str) -> None:
     assert errors == []
     store = Store(db_url)
     assert store.list_runs() == []
+    store.close()
+
+
+def runs_columns(url: str) -> list[tuple]:
+    """The runs table's columns as the database describes them (name order)."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            rows = conn.execute(text(
+                "SELECT column_name, data_type, is_nullable, column_default "
+                "FROM information_schema.columns WHERE table_name = 'runs'"))
+        else:
+            rows = conn.exec_driver_sql("PRAGMA table_info(runs)")
+            rows = [(r[1], r[2], r[3], r[4]) for r in rows]
+        found = sorted(tuple(r) for r in rows)
+    engine.dispose()
+    return found
+
+
+def test_a_database_made_before_tags_and_hidden_gets_them(db_url: str) -> None:
+    """An older runs table (no tags, no hidden) with a run in it: create_schema adds the
+    columns under its lock, the old row reads as untagged and shown, and the table ends
+    up exactly as a fresh database's."""
+    store = Store(db_url)
+    fresh = runs_columns(db_url)
+    run_id = store.create_run("old", "smallcnn", "mnist5k", {}, Hyperparameters(**DEFAULTS))
+    with store.engine.begin() as conn:
+        for column in ("tags", "hidden"):
+            conn.exec_driver_sql(f"ALTER TABLE runs DROP COLUMN {column}")
+    store.close()
+    assert {"tags", "hidden"}.isdisjoint(c[0] for c in runs_columns(db_url))
+
+    migrated = Store(db_url)  # what a newer board or trainer does on start
+    run = migrated.get_run(run_id)
+    assert (run["name"], run["tags"], run["hidden"]) == ("old", [], False)
+    assert runs_columns(db_url) == fresh
+    with migrated.engine.begin() as conn:
+        assert add_missing_columns(conn) == []  # nothing left to add: idempotent
+    migrated.set_run_tags(run_id, ["kept"])
+    assert migrated.get_run(run_id)["tags"] == ["kept"]
+    migrated.close()
+
+
+def test_a_missing_column_that_needs_a_value_is_refused(db_url: str) -> None:
+    """NOT NULL without a default cannot be added to rows that exist: nothing changes."""
+    store = Store(db_url)
+    newer = MetaData()
+    runs = Table("runs", newer, *(Column(c.name, c.type) for c in metadata.tables["runs"].c),
+                 Column("needs_a_value", Integer, nullable=False),
+                 Column("optional_note", Text))
+    before = runs_columns(db_url)
+    with pytest.raises(RuntimeError, match=r"runs\.needs_a_value"), \
+            store.engine.begin() as conn:
+        add_missing_columns(conn, [runs])
+    assert runs_columns(db_url) == before
     store.close()
