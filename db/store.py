@@ -29,6 +29,9 @@ from hyperparams import Hyperparameters, validate
 
 DEFAULT_SQLITE_FILE = "training.db"
 HYPERPARAMETER_FIELDS = ("optimizer", "learning_rate", "weight_decay", "dropout", "grad_clip")
+RUN_NAME_MAX = 200  # characters, after stripping
+TAG_MAX = 40  # characters per tag, after stripping
+TAGS_MAX = 20  # tags per run
 
 
 def resolve_url(cli_value: str | None = None) -> str:
@@ -74,6 +77,42 @@ def make_engine(url: str, pre_ping: bool = True) -> Engine:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def clean_run_name(name: Any) -> str:
+    """The name as stored: stripped, 1 to RUN_NAME_MAX characters; ValueError says why not."""
+    if not isinstance(name, str):
+        raise ValueError("a run name is text")
+    name = name.strip()
+    if not name:
+        raise ValueError("a run name cannot be empty")
+    if len(name) > RUN_NAME_MAX:
+        raise ValueError(f"a run name has at most {RUN_NAME_MAX} characters ({len(name)} given)")
+    return name
+
+
+def clean_tags(tags: Any) -> list[str]:
+    """Tags as stored: each stripped, 1 to TAG_MAX characters and without a comma (the
+    board edits them as comma-separated text), duplicates dropped in order, at most
+    TAGS_MAX; ValueError says what is wrong."""
+    if isinstance(tags, str) or not isinstance(tags, list | tuple):
+        raise ValueError("tags are a list of texts")
+    cleaned: list[str] = []
+    for tag in tags:
+        if not isinstance(tag, str):
+            raise ValueError("a tag is text")
+        tag = tag.strip()
+        if not tag:
+            raise ValueError("a tag cannot be empty")
+        if len(tag) > TAG_MAX:
+            raise ValueError(f"a tag has at most {TAG_MAX} characters ({tag[:TAG_MAX]}…)")
+        if "," in tag:
+            raise ValueError(f"a tag cannot contain a comma ({tag})")
+        if tag not in cleaned:
+            cleaned.append(tag)
+    if len(cleaned) > TAGS_MAX:
+        raise ValueError(f"a run has at most {TAGS_MAX} tags ({len(cleaned)} given)")
+    return cleaned
 
 
 def event_row(
@@ -281,6 +320,35 @@ class Store:
             return conn.execute(
                 select(func.max(st.c.step)).where(st.c.run_id == run_id)
             ).scalar_one()
+
+    # -- the board's bookkeeping of runs: name, tags, hidden --------------------
+
+    def _update_run(self, run_id: int, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            found = conn.execute(
+                update(s.runs).where(s.runs.c.run_id == run_id).values(**values)
+            ).rowcount
+        if not found:
+            raise KeyError(f"run {run_id} does not exist")
+
+    def rename_run(self, run_id: int, name: str) -> str:
+        """Store a new name (stripped; see clean_run_name) and return it. Touches only
+        this run's `runs` row: never its parameters or another run."""
+        name = clean_run_name(name)
+        self._update_run(run_id, name=name)
+        return name
+
+    def set_run_tags(self, run_id: int, tags: list[str]) -> list[str]:
+        """Replace the run's tags (see clean_tags; [] clears them) and return them."""
+        tags = clean_tags(tags)
+        self._update_run(run_id, tags=tags)
+        return tags
+
+    def set_run_hidden(self, run_id: int, hidden: bool) -> None:
+        """Hide the run from the board's run lists, or show it again."""
+        if not isinstance(hidden, bool):
+            raise ValueError("hidden is true or false")
+        self._update_run(run_id, hidden=hidden)
 
     def set_status(self, run_id: int, status: str, ended: bool = False) -> None:
         values: dict[str, Any] = {"status": status, "dt_heartbeat": now()}
