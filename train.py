@@ -2,11 +2,14 @@
 
     python train.py                       # small CNN on the offline MNIST sample, SQLite
     python train.py --db postgresql://postgres@127.0.0.1/postgres --lr 1e-3
+    torchrun --nproc_per_node=2 train.py --db postgresql://...   # one run, two processes
 
 The board (or any SQL client) changes optimizer / learning rate / weight decay /
 dropout or sets stop_train in the `parameters` row; a background listener hands
 the new version to this loop, which applies it at the next step boundary.
 Nothing in the loop waits on the database: writes go through a background writer.
+Under torchrun, rank 0 alone talks to the database and every rank applies a
+change at the same step (see distributed.py).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from checkpointing import Checkpoint, CheckpointRing
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
 from db.store import ParameterState, Store, describe_url, now, resolve_url
-from db.writer import SPILL_AFTER_ROWS, BackgroundWriter
+from db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
 from diagnostics import Diagnostician, LayerRecord, StepRecord
+from distributed import Ranks
 from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
 from models import MODEL_NAMES, ModelUnavailable, build_model, initialize, set_dropout
 from steering import (
@@ -159,12 +163,6 @@ class StopSignal:
         print("\nstopping after this step (Ctrl-C again to interrupt)", file=sys.stderr)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _float(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -200,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     stop = StopSignal()  # first thing: a Ctrl-C during setup still ends the run cleanly
+    ranks = Ranks()
+    if ranks.distributed and (args.sweep or args.resume is not None):
+        print("error: --sweep and --resume start processes of their own; run them without "
+              "torchrun", file=sys.stderr)
+        return 2
     if args.sweep:
         base = sweep.without_sweep(argv)
         combos = sweep.combinations(args.sweep)
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         store = Store(resolve_url(args.db))
         args = resume_options(args, store)
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = ranks.device(args.device)
+    ranks.start(device)
     params = Hyperparameters(
         args.optimizer, args.lr, args.weight_decay, args.dropout, args.grad_clip
     )
@@ -233,54 +237,62 @@ def main(argv: list[str] | None = None) -> int:
         train_set = Subset(train_set, range(min(len(train_set),
                                                 args.overfit_batches * args.batch_size)))
     train_loader, val_loader = make_loaders(
-        train_set, val_set, args.batch_size, args.workers, args.seed
+        train_set, val_set, args.batch_size, args.workers, args.seed,
+        shard=(ranks.rank, ranks.world_size) if ranks.distributed else None,
     )
+    net = ranks.wrap(model, device)  # trains; `model` itself is inspected and saved
     optimizer = build_optimizer(args.optimizer, trainable(model), args.lr, args.weight_decay)
     probe = LayerProbe(model)
     metrics = IntervalMetrics(device)
     progress = Progress()
 
     url = resolve_url(args.db)
-    store = store or Store(url)
-    config = vars(args) | {
-        "db": describe_url(url),
-        "num_classes": info.num_classes,
-        "classes": list(info.classes),
-        "in_channels": info.in_channels,
-        "image_size": info.image_size,
-        "train_samples": len(train_set),
-        "val_samples": len(val_set),
-        "parameters_count": sum(p.numel() for p in model.parameters()),
-        "device": str(device),
-        "host": platform.node(),
-        "pid": os.getpid(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-    }
-    if args.resume is None:
-        run_name = args.run_name or f"{args.model}-{info.name}-{now():%Y%m%d-%H%M%S}"
-        run_id = store.create_run(run_name, args.model, info.name, config, params)
-        seen_version, handled_rollback, resumed = 1, 0, None
-    else:
-        run_id, run_name = args.resume, store.get_run(args.resume)["name"]
-        latest = store.latest_checkpoint(run_id)
-        if latest is None:
-            print(f"error: run {run_id} has no checkpoint to resume from", file=sys.stderr)
-            return 1
-        resumed = CheckpointRing.from_row(latest)
-        # The parameters row is honoured as it stands, except a stop or pause left
-        # from before: resuming is asking the run to go on.
-        state = store.get_parameters(run_id)
-        if state.stop_train or state.pause_train:
-            store.submit_parameters(run_id, stop_train=False, pause_train=False)
-        store.reopen_run(run_id)
-        seen_version, handled_rollback = 0, state.rollback_request  # adopt the row now
+    run_id, run_name, seen_version, handled_rollback, resumed = None, None, 1, 0, None
+    if ranks.is_main:  # under torchrun, rank 0 alone owns the run in the database
+        store = store or Store(url)
+        config = vars(args) | {
+            "db": describe_url(url),
+            "num_classes": info.num_classes,
+            "classes": list(info.classes),
+            "in_channels": info.in_channels,
+            "image_size": info.image_size,
+            "train_samples": len(train_set),
+            "val_samples": len(val_set),
+            "parameters_count": sum(p.numel() for p in model.parameters()),
+            "device": str(device),
+            "world_size": ranks.world_size,
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        }
+        if args.resume is None:
+            run_name = args.run_name or f"{args.model}-{info.name}-{now():%Y%m%d-%H%M%S}"
+            run_id = store.create_run(run_name, args.model, info.name, config, params)
+        else:
+            run_id, run_name = args.resume, store.get_run(args.resume)["name"]
+            latest = store.latest_checkpoint(run_id)
+            if latest is None:
+                print(f"error: run {run_id} has no checkpoint to resume from", file=sys.stderr)
+                return 1
+            resumed = CheckpointRing.from_row(latest)
+            # The parameters row is honoured as it stands, except a stop or pause left
+            # from before: resuming is asking the run to go on.
+            state = store.get_parameters(run_id)
+            if state.stop_train or state.pause_train:
+                store.submit_parameters(run_id, stop_train=False, pause_train=False)
+            store.reopen_run(run_id)
+            seen_version, handled_rollback = 0, state.rollback_request  # adopt the row now
+    run_id, run_name = ranks.from_main((run_id, run_name))
     run_dir = Path(args.checkpoint_dir) / f"run_{run_id}"
-    writer = BackgroundWriter(store, run_id, spill_dir=run_dir / "unwritten",
-                              spill_after_rows=args.buffer_rows)
-    listener = ParameterListener(store, run_id, seen_version=seen_version)
-    sampler = SystemSampler(writer, progress, device)
+    if ranks.is_main:
+        writer = BackgroundWriter(store, run_id, spill_dir=run_dir / "unwritten",
+                                  spill_after_rows=args.buffer_rows)
+        listener = ParameterListener(store, run_id, seen_version=seen_version)
+        sampler = SystemSampler(writer, progress, device)
+    else:
+        writer, listener, sampler = NullWriter(), None, None
     ring = CheckpointRing(
         run_dir, keep=args.checkpoint_keep,
         on_saved=lambda c, size: writer.rows("checkpoints", [{
@@ -288,26 +300,40 @@ def main(argv: list[str] | None = None) -> int:
             "bytes": size, "dt": now()}]),
         on_removed=lambda c: writer.checkpoint_removed(c.step),
     )
-    print(f"run {run_id} '{run_name}' on {device}, database {describe_url(url)}", file=sys.stderr)
+    where = f" (rank {ranks.rank} of {ranks.world_size})" * ranks.distributed
+    print(f"run {run_id} '{run_name}' on {device}{where}, database {describe_url(url)}",
+          file=sys.stderr)
 
     steps_per_epoch = len(train_loader)
     total = min(args.epochs * steps_per_epoch, args.max_steps or sys.maxsize)
     step, epoch, last_logged = 0, 1, -1
-    stopping = paused = done = restarted = False
+    stopping = paused = done = restarted = stop_asked = False
     doctor = Diagnostician(info.num_classes)
     best_val, logs_since_best = math.inf, 0
     deferred: ParameterState | None = None  # a version that must wait for the log to end
     interval_start, interval_samples = time.perf_counter(), 0
 
     def log(full_validation: bool) -> None:
-        """One statistics row plus per-layer telemetry for the current step."""
-        nonlocal last_logged, interval_start, interval_samples
-        train_loss, train_acc = metrics.summary()
+        """One statistics row plus per-layer telemetry for the current step.
+
+        Under torchrun the training figures are summed over the ranks, and rank 0
+        validates and writes while the others wait for what it decided.
+        """
+        nonlocal last_logged, interval_start, interval_samples, paused, done
+        train_loss, train_acc = metrics.summary(ranks.sum)
+        if ranks.is_main:
+            write_log(full_validation, train_loss, train_acc)
+        paused, done = ranks.any(paused, done)  # rank 0's diagnosis or early stop
+        last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
+
+    def write_log(full_validation: bool, train_loss: float | None,
+                  train_acc: float | None) -> None:
         ran_with, lr = params, learning_rate_in_force(optimizer)  # what this step ran with
         val_loss, val_acc = evaluate(
             model, val_loader, device,
             max_batches=None if full_validation else args.val_batches, probe=probe,
-            between_batches=lambda: poll_control(during_log=True),
+            # A change between validation batches would need the other ranks' agreement.
+            between_batches=None if ranks.distributed else lambda: poll_control(True),
         )
         elapsed = time.perf_counter() - interval_start
         writer.statistics({
@@ -325,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
         early_stop(val_loss)
         bar.set_postfix(loss=f"{train_loss if train_loss is not None else val_loss:.4f}",
                         val=f"{val_loss:.4f}", lr=f"{learning_rate_in_force(optimizer):.2e}")
-        last_logged, interval_start, interval_samples = step, time.perf_counter(), 0
 
     def diagnose(
         train_loss: float | None, val_loss: float, layers: list[dict[str, Any]],
@@ -365,13 +390,15 @@ def main(argv: list[str] | None = None) -> int:
                          step=step)
 
     def checkpoint(reason: str, wait: bool = False) -> None:
+        if not ranks.is_main:
+            return  # the ranks hold the same weights: rank 0 saves them
         ring.save(step, epoch, model, optimizer, {"run_id": run_id, "parameters": vars(params)},
                   reason, wait=wait)
 
     def roll_back(target: int) -> int | None:
         """Restore the newest checkpoint at or before `target`; the step restored."""
         nonlocal restarted
-        found = ring.newest_at_or_before(target)
+        found = ranks.from_main(ring.newest_at_or_before(target))
         if found is None:
             writer.event("warning", "rollback_unavailable",
                          f"no checkpoint at or before step {target} to roll back to", step=step)
@@ -386,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     def restore(found: Checkpoint) -> None:
         """Load a checkpoint into the live model and optimizer; later rows become a branch."""
         nonlocal optimizer, params, step, epoch, last_logged
-        state = ring.load(found, device)
+        if ranks.distributed:  # rank 0 has the file; every rank loads what it read
+            state = ranks.from_main(ring.load(found, torch.device("cpu"))
+                                    if ranks.is_main else None)
+        else:
+            state = ring.load(found, device)
         model.load_state_dict(state["model"])
         restored = Hyperparameters(**state["parameters"])
         optimizer = build_optimizer(
@@ -442,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"version {state.version} applied at step {step}: "
                          f"{describe_change(params, new)}{flags}",
                          step=step, version=state.version)
+        if ranks.distributed:  # each rank says so: the proof that they agree on the step
+            print(f"rank {ranks.rank}: version {state.version} applied at step {step}: "
+                  f"{describe(new or params)}{', stopping' * stopping}{', paused' * paused}",
+                  file=sys.stderr, flush=True)
         params = new or params
 
     def poll_control(during_log: bool = False) -> None:
@@ -451,12 +486,21 @@ def main(argv: list[str] | None = None) -> int:
         the same boundary: a change waits for one batch, not for a whole log. A
         rollback (and anything after it) waits for the log to finish.
         """
-        nonlocal deferred
+        nonlocal deferred, stop_asked
         if not during_log and deferred is not None:
             state, deferred = deferred, None
             adopt(state)
-        if not listener.changed.is_set() or (state := listener.take()) is None:
-            return
+        waiting = listener is not None and listener.changed.is_set()
+        if during_log:
+            if not waiting or (state := listener.take()) is None:
+                return
+        else:  # the step boundary: under torchrun, every rank learns rank 0's news here
+            waiting, stop_asked = ranks.any(waiting, stop.requested.is_set())
+            if not waiting:
+                return
+            state = ranks.from_main(listener.take() if listener is not None else None)
+            if state is None:
+                return
         if during_log and (deferred is not None or state.rollback_request > handled_rollback):
             deferred = state
             return
@@ -466,19 +510,24 @@ def main(argv: list[str] | None = None) -> int:
         """Keep the process alive and listening (the writer keeps the heartbeat)."""
         writer.status("paused")
         bar.set_postfix_str("paused: waiting for new parameters from the board")
-        while paused and not stopping and not stop.requested.is_set():
-            listener.changed.wait(0.2)
+        while paused and not stopping and not stop_asked:
+            if listener is not None:
+                listener.changed.wait(0.2)
+            else:
+                time.sleep(0.2)  # rank 0 brings the news to the next poll
             poll_control()
-        if not stopping and not stop.requested.is_set():
+        if not stopping and not stop_asked:
             writer.status("running")
 
-    bar = tqdm(total=total, disable=args.no_progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, disable=args.no_progress or not ranks.is_main, unit="step",
+               dynamic_ncols=True)
     try:
         if resumed is None:
             writer.event("info", "run_started", f"run {run_id} started: {args.model} on "
                          f"{info.name}, {device}, {describe(params)}", step=0)
-            writer.rows("model_layers",
-                        model_table(model, next(iter(val_loader))[0].to(device)))
+            if ranks.is_main:
+                writer.rows("model_layers",
+                            model_table(model, next(iter(val_loader))[0].to(device)))
             log(full_validation=False)  # step 0: the untrained model, the initial loss
             checkpoint("initial")
         else:
@@ -492,11 +541,13 @@ def main(argv: list[str] | None = None) -> int:
         while epoch <= args.epochs and not (stopping or done):
             bar.set_description(f"epoch {epoch}/{args.epochs}")
             restarted = False
+            if ranks.distributed:
+                train_loader.sampler.set_epoch(epoch)  # a different shuffle each epoch
             for i, (x, y) in enumerate(train_loader):
                 poll_control()
                 if paused:
                     wait_while_paused()
-                stopping = stopping or stop.requested.is_set()
+                stopping = stopping or stop_asked
                 if stopping or restarted:
                     break
 
@@ -506,14 +557,15 @@ def main(argv: list[str] | None = None) -> int:
                 logging = (step + 1) % args.log_every == 0 or end_of_epoch or done
 
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                logits = model(x)
+                logits = net(x)
                 loss = nn.functional.cross_entropy(logits, y)
-                if not torch.isfinite(loss):  # pause before the update can spread it
+                job_loss = ranks.mean(loss)  # every rank sees a blow-up on any rank
+                if not torch.isfinite(job_loss):  # pause before the update can spread it
                     paused = True
                     doctor.note_blow_up(learning_rate_in_force(optimizer))
                     writer.event(
                         "error", "non_finite",
-                        f"the training loss is {loss.item()} at step {step + 1}: training "
+                        f"the training loss is {job_loss.item()} at step {step + 1}: training "
                         "paused before the update", step=step,
                         recommendation="roll back to an earlier checkpoint and lower the "
                         f"learning rate (now {params.learning_rate:g})",
@@ -529,15 +581,17 @@ def main(argv: list[str] | None = None) -> int:
                 loss.backward()
                 if params.grad_clip > 0:
                     nn.utils.clip_grad_norm_(trainable(model), params.grad_clip)
-                if logging:
+                probing = logging and ranks.is_main
+                if probing:
                     probe.before_update()  # gradient norms, weights before the step
                 optimizer.step()
-                if logging:
+                if probing:
                     probe.after_update()  # update:parameter ratios
                 metrics.add(loss, logits, y)
                 step += 1
-                interval_samples += y.shape[0]
-                progress.step, progress.samples = step, progress.samples + y.shape[0]
+                samples = y.shape[0] * ranks.world_size  # the job's, not this rank's
+                interval_samples += samples
+                progress.step, progress.samples = step, progress.samples + samples
                 bar.update()
 
                 if logging:
@@ -557,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
         writer.event("info", f"run_{status}", f"run {status} at step {step}, epoch {epoch}",
                      step=step)
         writer.status(status, ended=True)
+        if ranks.distributed:  # equal fingerprints: every rank made the same updates
+            fingerprint = sum(p.detach().double().abs().sum().item() for p in model.parameters())
+            print(f"rank {ranks.rank}: {status} at step {step}, weights {fingerprint:.12g}",
+                  file=sys.stderr, flush=True)
         return 0
     except KeyboardInterrupt:
         writer.event("warning", "run_interrupted", f"interrupted at step {step}", step=step)
@@ -569,13 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
         ring.flush()
-        sampler.close()
-        listener.close()
-        if not writer.close():
-            print(f"warning: some rows could not be written to the database; those kept in "
-                  f"{run_dir / 'unwritten'} are written by `train.py --resume {run_id}`",
-                  file=sys.stderr)
-        store.close()
+        if ranks.is_main:
+            sampler.close()
+            listener.close()
+            if not writer.close():
+                print(f"warning: some rows could not be written to the database; those kept "
+                      f"in {run_dir / 'unwritten'} are written by `train.py --resume {run_id}`",
+                      file=sys.stderr)
+            store.close()
+        ranks.close()
 
 
 if __name__ == "__main__":

@@ -254,3 +254,31 @@ def _merge(batches: list[Batch]) -> Batch:
         merged.status = b.status or merged.status
         merged.ended = b.ended or merged.ended
     return merged
+
+
+class NullWriter:
+    """The writer of a torchrun rank other than 0: rank 0 writes for the whole job."""
+
+    def statistics(self, row: dict[str, Any]) -> None:
+        pass
+
+    def rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def event(self, level: str, code: str, message: str, **details: Any) -> None:
+        pass
+
+    def acknowledge(self, change: dict[str, Any]) -> None:
+        pass
+
+    def checkpoint_removed(self, step: int) -> None:
+        pass
+
+    def rollback(self, step: int) -> None:
+        pass
+
+    def status(self, status: str, ended: bool = False) -> None:
+        pass
+
+    def close(self) -> bool:
+        return True

@@ -1,0 +1,129 @@
+"""One run trained by two torchrun processes (DDP over gloo), steered through PostgreSQL.
+
+Rank 0 owns the run in the database; each rank prints the step at which it
+applied a parameters version, and its final weight fingerprint. The test steers
+with plain SQL, as any client may: an lr change, a pause, a resume, a stop.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from test_train_e2e import ROOT, SqlClient, wait_for
+
+pytestmark = pytest.mark.postgres
+
+APPLIED = re.compile(r"^rank (\d): version (\d+) applied at step (\d+): (.*)$", re.M)
+ENDED = re.compile(r"^rank (\d): (stopped|finished) at step (\d+), weights (\S+)$", re.M)
+
+
+@contextmanager
+def torchrun(tmp_path: Path, url: str, *extra: str) -> Iterator[subprocess.Popen]:
+    log_path = tmp_path / "torchrun.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", str(ROOT / "train.py"), "--db", url,
+             "--dataset", "digits", "--model", "tinycnn", "--epochs", "1000",
+             "--log-every", "5", "--val-batches", "1", "--no-progress",
+             "--checkpoint-dir", str(tmp_path / "checkpoints"), *extra],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.returncode != 0:
+                print(log_path.read_text()[-4000:])
+
+
+def applied(log: str, version: int) -> dict[int, int]:
+    """{rank: step} for the ranks that reported applying `version`."""
+    return {int(r): int(s) for r, v, s, _ in APPLIED.findall(log) if int(v) == version}
+
+
+def last_step(sql: SqlClient, run_id: int) -> int:
+    row = sql.one("SELECT max(step) FROM statistics WHERE run_id = ?", (run_id,))
+    return row[0] if row and row[0] is not None else -1
+
+
+def submit(sql: SqlClient, run_id: int, assignments: str) -> int:
+    sql.execute(f"UPDATE parameters SET {assignments}, version = version + 1, "
+                "dt_updated = CURRENT_TIMESTAMP WHERE run_id = ?", (run_id,))
+    return sql.one("SELECT version FROM parameters WHERE run_id = ?", (run_id,))[0]
+
+
+def acknowledged(sql: SqlClient, run_id: int, version: int) -> int:
+    """The step rank 0 wrote for `version` (once)."""
+    return wait_for(
+        f"version {version} acknowledged",
+        lambda: sql.one("SELECT applied_step FROM parameters WHERE run_id = ? "
+                        "AND applied_version = ?", (run_id, version)),
+        timeout=60,
+    )[0]
+
+
+def test_two_ranks_apply_a_change_at_the_same_step_and_stop_together(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    log_path = tmp_path / "torchrun.log"
+    with torchrun(tmp_path, postgres_url) as proc:
+        sql = wait_for("the database", lambda: SqlClient(postgres_url), timeout=60)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"), timeout=90)[0]
+        assert sql.one("SELECT count(*) FROM runs")[0] == 1  # one run, not one per rank
+        wait_for("4 logged steps", lambda: last_step(sql, run_id) >= 15, timeout=60)
+
+        # 1. An lr change: both ranks take it at the step rank 0 acknowledged.
+        v_lr = submit(sql, run_id, "learning_rate = 0.002")
+        step_lr = acknowledged(sql, run_id, v_lr)
+        ranks_lr = wait_for("both ranks' reports", lambda: len(
+            found := applied(log_path.read_text(), v_lr)) == 2 and found, timeout=30)
+        assert ranks_lr == {0: step_lr, 1: step_lr}
+        assert sql.one("SELECT count(*) FROM parameter_changes WHERE run_id = ? AND version = ?",
+                       (run_id, v_lr))[0] == 1  # the acknowledgement is written once
+        wait_for("3 logs after the change", lambda: last_step(sql, run_id) >= step_lr + 15)
+        rows = sql.rows("SELECT step, learning_rate FROM statistics WHERE run_id = ? "
+                        "ORDER BY step", (run_id,))
+        assert {lr for s, lr in rows if s > step_lr} == {0.002}
+        assert {lr for s, lr in rows if 0 < s <= step_lr} == {0.0003}
+
+        # 2. Pause: every rank waits (no step is logged), then resumes at one step.
+        v_pause = submit(sql, run_id, "pause_train = true")
+        step_pause = acknowledged(sql, run_id, v_pause)
+        wait_for("status paused", lambda: sql.one(
+            "SELECT 1 FROM runs WHERE run_id = ? AND status = 'paused'", (run_id,)))
+        held = last_step(sql, run_id)
+        time.sleep(1.5)
+        assert last_step(sql, run_id) == held <= step_pause
+        assert proc.poll() is None  # alive while paused
+        v_resume = submit(sql, run_id, "pause_train = false, learning_rate = 0.001")
+        step_resume = acknowledged(sql, run_id, v_resume)
+        assert step_resume == step_pause  # nothing trained while paused
+        wait_for("both ranks resumed", lambda: len(applied(log_path.read_text(), v_resume)) == 2)
+        assert applied(log_path.read_text(), v_resume) == {0: step_resume, 1: step_resume}
+        wait_for("training to go on", lambda: last_step(sql, run_id) >= step_resume + 10)
+
+        # 3. Stop: both ranks end at the same step with the same weights, exit code 0.
+        v_stop = submit(sql, run_id, "stop_train = true")
+        step_stop = acknowledged(sql, run_id, v_stop)
+        assert proc.wait(timeout=90) == 0
+        log = log_path.read_text()
+        ended = {int(r): (status, int(s), w) for r, status, s, w in ENDED.findall(log)}
+        assert set(ended) == {0, 1}, log[-3000:]
+        assert ended[0] == ended[1]  # same status, step and weight fingerprint
+        assert ended[0][:2] == ("stopped", step_stop)
+        status, world_size = sql.one(
+            "SELECT status, config->>'world_size' FROM runs WHERE run_id = ?", (run_id,))
+        assert (status, world_size) == ("stopped", "2")
+        sql.close()
