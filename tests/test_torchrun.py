@@ -114,7 +114,19 @@ def test_two_ranks_apply_a_change_at_the_same_step_and_stop_together(
         assert applied(log_path.read_text(), v_resume) == {0: step_resume, 1: step_resume}
         wait_for("training to go on", lambda: last_step(sql, run_id) >= step_resume + 10)
 
-        # 3. Stop: both ranks end at the same step with the same weights, exit code 0.
+        # 3. Roll back to the checkpoint taken just before the lr change: rank 0 reads
+        #    it and every rank continues from it (the weight fingerprints below agree).
+        wait_for("the checkpoint before the change", lambda: sql.one(
+            "SELECT 1 FROM checkpoints WHERE run_id = ? AND step = ?", (run_id, step_lr)))
+        v_back = submit(sql, run_id, f"rollback_step = {step_lr}, "
+                        "rollback_request = rollback_request + 1")
+        assert acknowledged(sql, run_id, v_back) == step_lr
+        wait_for("both ranks rolled back", lambda: len(applied(log_path.read_text(), v_back)) == 2)
+        assert applied(log_path.read_text(), v_back) == {0: step_lr, 1: step_lr}
+        wait_for("training past the rollback", lambda: sql.one(
+            "SELECT 1 FROM statistics WHERE run_id = ? AND step > ?", (run_id, step_lr + 10)))
+
+        # 4. Stop: both ranks end at the same step with the same weights, exit code 0.
         v_stop = submit(sql, run_id, "stop_train = true")
         step_stop = acknowledged(sql, run_id, v_stop)
         assert proc.wait(timeout=90) == 0
