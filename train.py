@@ -148,17 +148,27 @@ def init_scheme(value: str) -> str:
 
 
 class StopSignal:
-    """First Ctrl-C (or SIGTERM) asks for a graceful stop; a second one interrupts."""
+    """First Ctrl-C (or SIGTERM) asks for a graceful stop; a second one interrupts.
+
+    A signal within a second of the first is the same request: under torchrun a
+    Ctrl-C reaches each rank twice, from the terminal and forwarded by torchrun.
+    """
+
+    SAME_REQUEST_SECONDS = 1.0
 
     def __init__(self) -> None:
         self.requested = threading.Event()
+        self._first = 0.0
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self._handle)
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested.is_set():
+            if time.monotonic() - self._first < self.SAME_REQUEST_SECONDS:
+                return
             raise KeyboardInterrupt
+        self._first = time.monotonic()
         self.requested.set()
         print("\nstopping after this step (Ctrl-C again to interrupt)", file=sys.stderr)
 
