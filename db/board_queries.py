@@ -7,14 +7,17 @@ the same on a 50,000-step run as on a fresh one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, and_, case, func, or_, select
 
 from db import schema as s
 
 RUN_LIST_LIMIT = 200
+COMPARE_MAX = 10  # runs one comparison overlays
+COMPARE_HISTORY_LIMIT = 50  # adopted versions per run in the comparison table
 CURVE_ROWS_LIMIT = 1_000_000  # the first load of a run; later refreshes catch up in REFRESH_ROWS
 REFRESH_ROWS = 5_000  # rows one refresh may append; a page that fell behind catches up next time
 HISTORY_LIMIT = 200  # parameter changes and events shown per run
@@ -34,15 +37,22 @@ class BoardQueries:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def runs(self, limit: int = RUN_LIST_LIMIT) -> list[dict[str, Any]]:
-        """Newest first, without the config document (the selector does not need it)."""
+    def runs(
+        self, limit: int = RUN_LIST_LIMIT, show_hidden: bool = True, keep: Iterable[int] = ()
+    ) -> list[dict[str, Any]]:
+        """Newest first, without the config document (the selector does not need it).
+        Without `show_hidden`, hidden runs are left out, except those in `keep` (the run
+        the page shows, the runs it compares)."""
         r = s.runs
         query = (
             select(r.c.run_id, r.c.name, r.c.model_name, r.c.dataset, r.c.status,
-                   r.c.dt_started, r.c.dt_heartbeat, r.c.dt_ended)
+                   r.c.dt_started, r.c.dt_heartbeat, r.c.dt_ended, r.c.tags, r.c.hidden)
             .order_by(r.c.run_id.desc())
             .limit(limit)
         )
+        if not show_hidden:
+            kept = [int(k) for k in keep if k is not None]
+            query = query.where(or_(~r.c.hidden, r.c.run_id.in_(kept)) if kept else ~r.c.hidden)
         return _rows(self.engine, query)
 
     def change_marks(self, run_id: int) -> dict[str, Any] | None:
@@ -62,8 +72,8 @@ class BoardQueries:
                 newest(c.c.step, c).label("checkpoint_step"),
                 select(func.count()).where(c.c.run_id == run_id).scalar_subquery()
                 .label("checkpoints"),
-                p.c.version, p.c.applied_version, r.c.name, r.c.status, r.c.dt_heartbeat,
-                r.c.dt_ended,
+                p.c.version, p.c.applied_version, r.c.name, r.c.tags, r.c.hidden, r.c.status,
+                r.c.dt_heartbeat, r.c.dt_ended,
             )
             .select_from(r.outerjoin(p, p.c.run_id == r.c.run_id))
             .where(r.c.run_id == run_id)
@@ -336,3 +346,126 @@ class BoardQueries:
         )
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query)]
+
+    # -- issue 7: several runs compared ------------------------------------------------
+    # One query per concern, each over every compared run at once (run_id IN ...).
+
+    def compare_marks(self, run_ids: Sequence[int]) -> list[dict[str, Any]]:
+        """Each compared run's row (without config) and what a comparison redraws on:
+        its newest logged step, rollbacks and newest adopted version, each an
+        index-only MAX. Runs that do not exist are left out."""
+        r = s.runs
+
+        def newest(column: Any, table: Any) -> Any:
+            return (select(func.max(column)).where(table.c.run_id == r.c.run_id)
+                    .scalar_subquery())
+
+        query = select(
+            r.c.run_id, r.c.name, r.c.model_name, r.c.dataset, r.c.status, r.c.dt_heartbeat,
+            r.c.dt_ended, r.c.tags, r.c.hidden,
+            newest(s.statistics.c.step, s.statistics).label("step"),
+            newest(s.abandoned_statistics.c.branch, s.abandoned_statistics).label("rollbacks"),
+            newest(s.parameter_changes.c.version, s.parameter_changes).label("version"),
+        ).where(r.c.run_id.in_(list(run_ids)))
+        return _rows(self.engine, query)
+
+    def compare_points(
+        self, run_ids: Sequence[int], limit: int = CURVE_ROWS_LIMIT
+    ) -> list[tuple[Any, ...]]:
+        """(run_id, step, train_loss, validate_loss, train_accuracy, validate_accuracy) of
+        every compared run, by run then step."""
+        t = s.statistics
+        query = (
+            select(t.c.run_id, t.c.step, *(t.c[name] for name in CURVE_COLUMNS))
+            .where(t.c.run_id.in_(list(run_ids)))
+            .order_by(t.c.run_id, t.c.step)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(query)]
+
+    def compare_points_after(
+        self, after: Mapping[int, int], limit: int = REFRESH_ROWS
+    ) -> list[tuple[Any, ...]]:
+        """The same rows, only those after each run's step in `after`; by run then step,
+        so a cut at `limit` leaves every run's rows a prefix the next refresh continues."""
+        if not after:
+            return []
+        t = s.statistics
+        query = (
+            select(t.c.run_id, t.c.step, *(t.c[name] for name in CURVE_COLUMNS))
+            .where(or_(*(and_(t.c.run_id == run_id, t.c.step > step)
+                         for run_id, step in after.items())))
+            .order_by(t.c.run_id, t.c.step)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(query)]
+
+    def compare_summary(self, run_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Per run: the last logged step with its train loss, validation loss and accuracy,
+        and the best validation loss and accuracy with the step each was first reached.
+        NaN, infinite and missing values never count as best (None when no value is
+        finite). One pass over the runs' statistics, ranked by window functions."""
+        t = s.statistics
+        loss, accuracy = t.c.validate_loss, t.c.validate_accuracy
+
+        def finite_first(column: Any) -> Any:
+            # NULL and NaN fail both comparisons on either back end (bound, not inlined).
+            finite = and_(column > float("-inf"), column < float("inf"))
+            return case((finite, 0), else_=1)
+
+        def rank(*order: Any) -> Any:
+            return func.row_number().over(partition_by=t.c.run_id, order_by=order)
+
+        ranked = (
+            select(
+                t.c.run_id, t.c.step, t.c.train_loss, loss, accuracy,
+                rank(t.c.step.desc()).label("from_last"),
+                rank(finite_first(loss), loss, t.c.step).label("loss_rank"),
+                rank(finite_first(accuracy), accuracy.desc(), t.c.step).label("accuracy_rank"),
+            )
+            .where(t.c.run_id.in_(list(run_ids)))
+            .subquery()
+        )
+        query = select(ranked).where(
+            or_(ranked.c.from_last == 1, ranked.c.loss_rank == 1, ranked.c.accuracy_rank == 1)
+        )
+        summary: dict[int, dict[str, Any]] = {}
+        for row in _rows(self.engine, query):
+            out = summary.setdefault(row["run_id"], {
+                "step": None, "train_loss": None, "validate_loss": None,
+                "validate_accuracy": None, "best_loss": None, "best_loss_step": None,
+                "best_accuracy": None, "best_accuracy_step": None,
+            })
+            if row["from_last"] == 1:
+                out |= {k: row[k] for k in ("step", "train_loss", "validate_loss",
+                                            "validate_accuracy")}
+            if row["loss_rank"] == 1 and _finite(row["validate_loss"]):
+                out |= {"best_loss": row["validate_loss"], "best_loss_step": row["step"]}
+            if row["accuracy_rank"] == 1 and _finite(row["validate_accuracy"]):
+                out |= {"best_accuracy": row["validate_accuracy"],
+                        "best_accuracy_step": row["step"]}
+        return summary
+
+    def compare_changes(
+        self, run_ids: Sequence[int], per_run: int = COMPARE_HISTORY_LIMIT
+    ) -> list[dict[str, Any]]:
+        """The newest `per_run` adopted versions of each run, by run then version."""
+        t = s.parameter_changes
+        ranked = (
+            select(t, func.row_number().over(partition_by=t.c.run_id,
+                                             order_by=t.c.version.desc()).label("newest"))
+            .where(t.c.run_id.in_(list(run_ids)))
+            .subquery()
+        )
+        query = (
+            select(*(ranked.c[c.name] for c in t.columns))
+            .where(ranked.c.newest <= per_run)
+            .order_by(ranked.c.run_id, ranked.c.version)
+        )
+        return _rows(self.engine, query)
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)

@@ -45,6 +45,7 @@ def seed(store: Store) -> int:
                           "bytes": 1, "dt": now()}],
         ))
     store.write_batch(run_ids[0], Batch(abandon_after=1500))
+    store.set_run_hidden(run_ids[1], True)
     with store.engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE")
     return run_ids[0]
@@ -76,6 +77,14 @@ def every_board_query(q: BoardQueries, run_id: int) -> None:
     q.event(run_id, 4)
     q.checkpoints(run_id)
     q.abandoned_points(run_id)
+    # issue 7: the run lists without hidden runs, and a comparison of both seeded runs
+    q.runs(show_hidden=False, keep=[run_id])
+    both = [run_id, run_id + 1]
+    q.compare_marks(both)
+    q.compare_points(both)
+    q.compare_points_after({run_id: 1500, run_id + 1: 1900})
+    q.compare_summary(both)
+    q.compare_changes(both)
 
 
 def plan_nodes(plan: dict[str, Any]) -> list[tuple[str, str | None]]:
