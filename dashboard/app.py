@@ -12,11 +12,13 @@ from dashboard import (
     callbacks_activations,
     callbacks_alerts,
     callbacks_changes,
+    callbacks_compare,
     callbacks_controls,
     callbacks_curves,
     callbacks_history,
     callbacks_insight,
     callbacks_recovery,
+    callbacks_run_edit,
     callbacks_runs,
 )
 from dashboard.context import BoardContext
@@ -52,6 +54,6 @@ def create_app(ctx: BoardContext) -> Dash:
     app.layout = page(callbacks_runs.start_command(ctx))
     for concern in (callbacks_runs, callbacks_changes, callbacks_controls, callbacks_curves,
                     callbacks_history, callbacks_activations, callbacks_alerts, callbacks_recovery,
-                    callbacks_insight):
+                    callbacks_insight, callbacks_run_edit, callbacks_compare):
         concern.register(app, ctx)
     return app

@@ -1,9 +1,10 @@
 """Who may steer a run: reading is open, writing needs the board's credentials.
 
-Every callback that writes to the database outputs to the `submission` store, so
-the guard can tell a write from a read by the Dash request alone, whatever page
-or script sent it. Credentials come only from the environment (or a file it
-names), never from the repository.
+Every callback that writes to the database outputs to the `submission` store (or,
+for a run's name, tags and hidden flag, to `run-edit`), so the guard can tell a
+write from a read by the Dash request alone, whatever page or script sent it.
+Credentials come only from the environment (or a file it names), never from the
+repository.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 
-WRITE_OUTPUTS = frozenset({"submission"})
+WRITE_OUTPUTS = frozenset({"submission", "run-edit"})
 REALM = "CNN training board"
 
 

@@ -5,8 +5,9 @@ Stores, each only when its value differs from what the page holds:
 
 - `step-token`: a new logged step, activations, a rollback or an adopted version
   (curves, per-layer charts, activation histograms);
-- `control-token`: the parameters row, checkpoints, the run's (effective) status
-  (fields, apply status, pause/rollback controls, parameter history);
+- `control-token`: the parameters row, checkpoints, the run's (effective) status,
+  name, tags and hidden flag (fields, apply status, pause/rollback controls, parameter
+  history, the run's name and tags fields);
 - `events-token`: a new event (alerts, events list).
 
 A tick on which nothing was logged costs one request and one query; a tick with one
@@ -41,7 +42,7 @@ def change_tokens(ctx: BoardContext, run_id: int | None,
         {"run_id": run_id, "version": marks["version"],
          "applied_version": marks["applied_version"], "checkpoints": marks["checkpoints"],
          "checkpoint_step": marks["checkpoint_step"], "status": status,
-         "name": marks["name"]},
+         "name": marks["name"], "tags": marks["tags"], "hidden": marks["hidden"]},
         {"run_id": run_id, "event_id": marks["event_id"],
          "applied_version": marks["applied_version"]},
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -24,25 +24,51 @@ from db.store import now as utc_now
 class RunChoice:
     options: list[dict[str, Any]]
     value: int | None
+    compare_options: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_label(run: Mapping[str, Any], status: str) -> str:
-    """Plain text (the dropdown renders it verbatim, never as HTML)."""
-    return f"#{run['run_id']}  {run['name']}  ·  {status}"
+    """Plain text (the dropdown renders it verbatim, never as HTML), e.g.
+    "#12  name  [lr-sweep, baseline]  ·  running"."""
+    parts = [f"#{run['run_id']}", run["name"]]
+    if run.get("tags"):
+        parts.append(f"[{', '.join(run['tags'])}]")
+    if run.get("hidden"):
+        parts.append("(hidden)")
+    return "  ".join(parts) + f"  ·  {status}"
 
 
-def choose_run(ctx: BoardContext, current: int | None, now: datetime | None = None) -> RunChoice:
+def choose_run(
+    ctx: BoardContext, current: int | None, now: datetime | None = None,
+    show_hidden: bool = False, compared: Sequence[int] = (),
+) -> RunChoice:
     """Runs newest first; keeps the current choice, else picks the newest live run
-    (else the newest run)."""
+    (else the newest run). Hidden runs are listed only with `show_hidden`, except the
+    current one (in both lists) and the compared ones (in the comparison's list). The
+    comparison's list has the chosen run first, marked as the one watched."""
     now = now or utc_now()
-    runs = ctx.queries.runs()
+    keep = [current, *compared]
+    runs = ctx.queries.runs(show_hidden=show_hidden, keep=keep)
+    if not runs and not show_hidden:  # every run is hidden: still show one
+        runs = ctx.queries.runs(limit=1)
     statuses = {r["run_id"]: effective_status(r, now) for r in runs}
-    options = [{"label": run_label(r, statuses[r["run_id"]]), "value": r["run_id"]} for r in runs]
+    listed = [r for r in runs if show_hidden or not r["hidden"] or r["run_id"] == current]
     if current in statuses:
-        return RunChoice(options, current)
-    live = [r["run_id"] for r in runs if statuses[r["run_id"]] in LIVE_STATUSES]
-    value = live[0] if live else (runs[0]["run_id"] if runs else None)
-    return RunChoice(options, value)
+        value = current
+    else:
+        pool = listed or runs
+        live = [r["run_id"] for r in pool if statuses[r["run_id"]] in LIVE_STATUSES]
+        value = live[0] if live else (pool[0]["run_id"] if pool else None)
+        listed = [r for r in runs if show_hidden or not r["hidden"] or r["run_id"] == value]
+    options = [{"label": run_label(r, statuses[r["run_id"]]), "value": r["run_id"]}
+               for r in listed]
+    ordered = sorted(runs, key=lambda r: r["run_id"] != value)  # stable: newest first after
+    compare_options = [
+        {"label": run_label(r, statuses[r["run_id"]])
+         + ("  ·  watching" if r["run_id"] == value else ""), "value": r["run_id"]}
+        for r in ordered
+    ]
+    return RunChoice(options, value, compare_options)
 
 
 def start_command(ctx: BoardContext) -> str:
@@ -92,7 +118,8 @@ def header_values(ctx: BoardContext, run_id: int, now: datetime | None = None) -
     )
     return Header(
         fixed={"run_id": run_id, "name": run["name"], "model": run["model_name"],
-               "dataset": run["dataset"], "device": str(config.get("device", "—"))},
+               "dataset": run["dataset"], "device": str(config.get("device", "—")),
+               "tags": list(run["tags"] or []), "hidden": bool(run["hidden"])},
         live={"status": status, "beat": beat_text, "Epoch": str(epoch), "Step": f"{step:,}",
               "Steps/s": rate, "Elapsed": format_duration(elapsed)},
     )
@@ -117,6 +144,10 @@ def header_children(run_id: int, header: Header | None) -> list[Any]:
                 html.Span(live["status"], className=f"badge status-{live['status']}",
                           id="run-status"),
                 html.Span(live["beat"], className="run-beat"),
+                # After the patched children (2, 3): header_patch leaves these alone.
+                *(html.Span(tag, className="tag") for tag in fixed.get("tags", [])),
+                *([html.Span("hidden", className="badge hidden-badge")]
+                  if fixed.get("hidden") else []),
             ],
             className="run-title",
         ),
@@ -157,19 +188,28 @@ def register(app: Dash, ctx: BoardContext) -> None:
     @app.callback(
         Output("run-select", "options"),
         Output("run-select", "value"),
+        Output("compare-select", "options"),
         Output("empty-state", "className"),
         Output("board-body", "className"),
         Output("db-alert", "className"),
         Input("refresh-interval", "n_intervals"),
-        State("run-select", "value"),
+        Input("show-hidden", "value"),
+        Input("run-edit", "data"),
+        Input("run-select", "value"),
         State("run-select", "options"),
+        State("compare-select", "value"),
+        State("compare-select", "options"),
     )
-    def _runs(_n: int | None, current: int | None, shown: list[dict] | None) -> tuple:
-        choice = choose_run(ctx, current)
+    def _runs(_n: int | None, show_hidden: list[str] | None, _edit: Any,
+              current: int | None, shown: list[dict] | None, compared: list[int] | None,
+              compare_shown: list[dict] | None) -> tuple:
+        choice = choose_run(ctx, current, show_hidden="show" in (show_hidden or []),
+                            compared=[c for c in compared or [] if isinstance(c, int)])
         empty = not choice.options
         return (
             choice.options if choice.options != shown else no_update,
             choice.value if choice.value != current else no_update,
+            choice.compare_options if choice.compare_options != compare_shown else no_update,
             "empty-state" if empty else "empty-state hidden",
             "board hidden" if empty else "board",
             "alert hidden",  # the database answered
@@ -180,10 +220,12 @@ def register(app: Dash, ctx: BoardContext) -> None:
         Output("header-state", "data"),
         Input("refresh-interval", "n_intervals"),
         Input("run-select", "value"),
+        Input("run-edit", "data"),
         State("header-state", "data"),
     )
-    def _header(_n: int | None, run_id: int | None, shown: dict | None) -> tuple:
-        """A whole header when the run (or its name) changed, else only its live values."""
+    def _header(_n: int | None, run_id: int | None, _edit: Any, shown: dict | None) -> tuple:
+        """A whole header when the run (or its name or tags) changed, else only its live
+        values."""
         header = header_values(ctx, run_id) if run_id is not None else None
         if header is not None and header.fixed == shown:
             return header_patch(header.live), no_update

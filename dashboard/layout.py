@@ -81,6 +81,10 @@ def top_bar() -> html.Header:
                 ),
                 className="run-select-wrap",
             ),
+            dcc.Checklist(
+                id="show-hidden", options=[{"label": "show hidden", "value": "show"}],
+                value=[], className="toggle show-hidden",
+            ),
             html.Div(
                 [
                     html.Span("Refresh", className="refresh-label"),
@@ -106,6 +110,87 @@ def empty_state(start_command: str) -> html.Div:
         ],
         id="empty-state",
         className="empty-state hidden",
+    )
+
+
+def inline_field(label: str, control: Any, button: html.Button) -> html.Div:
+    """A labelled text box with its button on the same line."""
+    return html.Div(
+        [html.Label(label, className="field-label"),
+         html.Div([control, button], className="inline-row")],
+        className="field",
+    )
+
+
+def run_panel() -> html.Section:
+    """The shown run's bookkeeping: its name, its tags, whether run lists show it."""
+    return card(
+        "Run",
+        inline_field("Name", text_input("run-name-input", "a name for this run"),
+                     html.Button("Rename", id="rename-button", className="btn btn-secondary",
+                                 n_clicks=0)),
+        inline_field("Tags", text_input("run-tags-input", "comma-separated, e.g. lr-sweep"),
+                     html.Button("Save tags", id="tags-button", className="btn btn-secondary",
+                                 n_clicks=0)),
+        html.Div(
+            [html.Button("Hide run", id="hide-button", className="btn btn-secondary",
+                         n_clicks=0),
+             html.Span("hidden runs leave the run lists, not the database",
+                       className="field-hint")],
+            className="inline-row",
+        ),
+        html.Div(id="run-edit-message", className="run-edit-message", role="status"),
+        class_name="run-card",
+    )
+
+
+def compare_section() -> html.Section:
+    """Several runs overlaid, one colour each, and a table of their figures."""
+    headers = ("run", "tags", "status", "model", "dataset", "steps", "final train loss",
+               "final val loss", "final val acc", "best val loss", "best val acc",
+               "parameter history")
+    picker = dcc.Dropdown(id="compare-select", options=[], value=[], multi=True,
+                          placeholder="Runs to compare (the run you watch is listed first)",
+                          className="compare-select", maxHeight=420)
+    table = card(
+        "Runs compared",
+        html.Div(
+            html.Table(
+                [html.Thead(html.Tr([html.Th(h) for h in headers])),
+                 html.Tbody(id="compare-table-rows")],
+                id="compare-table",
+                className="history-table compare-table",
+            ),
+            className="table-scroll",
+        ),
+        class_name="compare-table-card",
+    )
+    return html.Section(
+        [
+            html.Header(
+                [
+                    html.H2("Compare runs", className="section-title"),
+                    html.Span("one colour per run; training solid, validation dashed",
+                              className="section-hint"),
+                    html.Div(picker, className="compare-select-wrap"),
+                ],
+                className="section-header",
+            ),
+            html.Div(
+                [
+                    html.Div(
+                        [card("Loss", graph("compare-loss-graph")),
+                         card("Accuracy", graph("compare-accuracy-graph"))],
+                        className="compare-grid",
+                    ),
+                    table,
+                ],
+                id="compare-body",
+                className="compare-body hidden",  # shown while runs are compared
+            ),
+        ],
+        id="compare",
+        className="compare",
     )
 
 
@@ -345,6 +430,11 @@ def stores() -> list[dcc.Store]:
         dcc.Store(id="control-token"),
         dcc.Store(id="events-token"),
         dcc.Store(id="header-state"),
+        # Run bookkeeping (a write: see dashboard.auth) and the comparison.
+        dcc.Store(id="run-edit"),
+        dcc.Store(id="run-fields-state"),
+        dcc.Store(id="compare-state"),
+        dcc.Store(id="compare-tick"),
     ]
 
 
@@ -360,7 +450,8 @@ def page(start_command: str) -> html.Div:
                     html.Div(
                         [
                             html.Aside(
-                                [control_panel(), rollback_panel(), history_table(),
+                                [control_panel(), rollback_panel(), run_panel(),
+                                 history_table(),
                                  card("Events", html.Ul(id="events-list",
                                                         className="events-list"))],
                                 className="sidebar",
@@ -380,6 +471,7 @@ def page(start_command: str) -> html.Div:
                         ],
                         className="board-grid",
                     ),
+                    compare_section(),
                     insight_section(),
                 ],
                 id="board-body",

@@ -31,6 +31,7 @@ def test_output_ids_as_dash_reads_them() -> None:
     # a crafted request cannot hide the write in one of the two fields
     assert "submission" in output_ids({"output": "x.y", "outputs": {"id": "submission"}})
     assert output_ids(None) == set() and output_ids([1, 2]) == set()
+    assert "run-edit" in output_ids({"output": "..run-edit.data...run-edit-message.children.."})
 
 
 def test_loopback_addresses() -> None:
@@ -160,3 +161,39 @@ def test_a_crafted_request_with_a_bad_value_writes_nothing(
                 state["value"] = value
         assert post(url, payload, "coach", "s3cret") == 200, (field, value)  # a refusal
         assert store.get_parameters(run_id).version == 1, (field, value)
+
+
+RUN_EDIT_OUTPUT = "..run-edit.data...run-edit-message.children...run-edit-message.className.."
+
+
+def rename_payload(run_id: int, name: str) -> dict:
+    """What the page sends when Rename is clicked."""
+    return {
+        "output": RUN_EDIT_OUTPUT,
+        "outputs": [{"id": "run-edit", "property": "data"},
+                    {"id": "run-edit-message", "property": "children"},
+                    {"id": "run-edit-message", "property": "className"}],
+        "inputs": [{"id": "rename-button", "property": "n_clicks", "value": 1},
+                   {"id": "run-name-input", "property": "n_submit", "value": None},
+                   {"id": "tags-button", "property": "n_clicks", "value": 0},
+                   {"id": "run-tags-input", "property": "n_submit", "value": None},
+                   {"id": "hide-button", "property": "n_clicks", "value": 0}],
+        "changedPropIds": ["rename-button.n_clicks"],
+        "state": [{"id": "run-select", "property": "value", "value": run_id},
+                  {"id": "run-name-input", "property": "value", "value": name},
+                  {"id": "run-tags-input", "property": "value", "value": ""}],
+    }
+
+
+def test_renaming_tagging_hiding_need_the_credentials_too(
+    guarded_board: tuple[str, Store, int]
+) -> None:
+    url, store, run_id = guarded_board
+    assert post(url, rename_payload(run_id, "renamed")) == 401
+    assert post(url, rename_payload(run_id, "renamed"), "coach", "wrong") == 401
+    assert store.get_run(run_id)["name"] == "r"
+    assert post(url, rename_payload(run_id, "x" * 201), "coach", "s3cret") == 200  # refused
+    assert store.get_run(run_id)["name"] == "r"
+    assert post(url, rename_payload(run_id, "renamed"), "coach", "s3cret") == 200
+    assert store.get_run(run_id)["name"] == "renamed"
+    assert store.get_parameters(run_id).version == 1  # the parameters row is not touched

@@ -13,13 +13,17 @@ from dashboard.context import BoardContext
 from db.store import Store
 from hyperparams import DEFAULTS, Hyperparameters
 
-RUNS_OUTPUT = ("..run-select.options...run-select.value...empty-state.className..."
-               "board-body.className...db-alert.className..")
+RUNS_OUTPUT = ("..run-select.options...run-select.value...compare-select.options..."
+               "empty-state.className...board-body.className...db-alert.className..")
 REQUIRED_IDS = (
     "run-select", "run-header", "optimizer-select", "lr-input", "lr-slider", "wd-input",
     "dropout-input", "submit-params", "stop-button", "apply-status", "loss-graph",
     "accuracy-graph", "param-history", "activations-graph", "events-list", "refresh-select",
     "smoothing-slider", "log-y", "db-alert", "empty-state",
+    # issue 7
+    "compare-select", "compare-loss-graph", "compare-accuracy-graph", "compare-table",
+    "run-name-input", "rename-button", "run-tags-input", "tags-button", "hide-button",
+    "show-hidden",
 )
 
 
@@ -32,10 +36,14 @@ def post_runs_refresh(client: Any) -> Any:
     return client.post("/_dash-update-component", json={
         "output": RUNS_OUTPUT,
         "outputs": outputs,
-        "inputs": [{"id": "refresh-interval", "property": "n_intervals", "value": 3}],
+        "inputs": [{"id": "refresh-interval", "property": "n_intervals", "value": 3},
+                   {"id": "show-hidden", "property": "value", "value": []},
+                   {"id": "run-edit", "property": "data", "value": None},
+                   {"id": "run-select", "property": "value", "value": None}],
         "changedPropIds": ["refresh-interval.n_intervals"],
-        "state": [{"id": "run-select", "property": "value", "value": None},
-                  {"id": "run-select", "property": "options", "value": []}],
+        "state": [{"id": "run-select", "property": "options", "value": []},
+                  {"id": "compare-select", "property": "value", "value": []},
+                  {"id": "compare-select", "property": "options", "value": []}],
     })
 
 
