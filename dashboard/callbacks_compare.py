@@ -5,10 +5,13 @@ selection changes, and refreshed on the slow (5 s) tick only while one of the
 compared runs is live; a clientside callback drops every other tick in the
 browser, so an idle comparison sends no request at all. A refresh reads one row
 of marks per run (newest step, rollbacks, adopted version, name, tags, status)
-and then only what changed: new rows for the runs that logged some (appended
-with extendData), the table's figures when anything moved. A new selection, a
-rename, a rollback in a compared run, or traces grown past their point budget
-rebuild the figures, downsampled again.
+and then only what changed: the new rows of the runs that logged some (appended
+with extendData, and their final and best figures merged into those the page
+holds), the parameter history of a run that adopted a new version. The figures
+come from the rows read for the curves, so a refresh costs what its new rows
+cost, not what the runs' length would. A new selection, a rename, a
+rollback in a compared run, or traces grown past their point budget rebuild
+everything, downsampled again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dashboard.figures_compare import (
     compare_extensions,
     compare_figures,
     run_colors,
+    summarize,
 )
 from dashboard.status import LIVE_STATUSES, effective_status
 from db.board_queries import COMPARE_MAX
@@ -124,10 +128,18 @@ def update_comparison(
         # A cut at the query's limit: the next refresh reads on from the last row drawn.
         run["step"] = rows[-1][0] if rows else was["step"]
         run["points"] = was["points"] + len(rows)
+        run["summary"], run["history"] = was["summary"], was["history"]
+    for run_id, rows in new_rows.items():  # the new rows' figures, merged into those held
+        run = runs[str(run_id)]
+        run["summary"] = merge_summary(decode(run["summary"]), summarize(rows))
+    adopted = [run_id for run_id in order
+               if runs[str(run_id)]["version"] != held["runs"][str(run_id)]["version"]]
+    if adopted:
+        _load_histories(ctx, adopted, runs)
     loss, accuracy = compare_extensions(order, new_rows) if new_rows else (None, None)
     new_state = {"run_ids": order, "live": _live(runs), "runs": runs}
     return CompareUpdate(new_state, loss_extend=loss, accuracy_extend=accuracy,
-                         rows=table_rows(ctx, order, found, runs))
+                         rows=table_rows(order, found, runs))
 
 
 def _needs_rebuild(runs: Mapping[str, Mapping[str, Any]],
@@ -153,12 +165,59 @@ def _rebuild(ctx: BoardContext, order: list[int], found: Mapping[int, Mapping[st
         # What the page draws (≤ MAX_POINTS after downsampling) and the step it has.
         run["points"] = min(len(rows), MAX_POINTS)
         run["step"] = rows[-1][0] if rows else -1
+        run["summary"] = merge_summary(None, summarize(rows))
+    if order:
+        _load_histories(ctx, order, runs)
     drawn = [found[run_id] for run_id in order]
     loss, accuracy = compare_figures(drawn, points,
                                      uirevision="compare " + ",".join(map(str, order)))
     state = {"run_ids": order, "live": _live(runs), "runs": runs}
     return CompareUpdate(state, True, loss, accuracy,
-                         rows=table_rows(ctx, order, found, runs) if order else [])
+                         rows=table_rows(order, found, runs))
+
+
+def _load_histories(ctx: BoardContext, run_ids: list[int],
+                    runs: dict[str, dict[str, Any]]) -> None:
+    """Each run's parameter history as the table's lines: one query for all of them."""
+    changes: dict[int, list[dict[str, Any]]] = {run_id: [] for run_id in run_ids}
+    for change in ctx.queries.compare_changes(run_ids):
+        changes[change["run_id"]].append(change)
+    for run_id, adopted in changes.items():
+        runs[str(run_id)]["history"] = change_summaries(adopted)
+
+
+# -- the table's figures, held by the page between refreshes ------------------------------
+
+SUMMARY_KEYS = ("step", "train_loss", "validate_loss", "validate_accuracy", "best_loss",
+                "best_loss_step", "best_accuracy", "best_accuracy_step")
+FINAL_KEYS = ("step", "train_loss", "validate_loss", "validate_accuracy")
+
+
+def merge_summary(held: Mapping[str, Any] | None,
+                  new: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures of a run's rows so far (`held`) and of its rows after them (`new`):
+    the final ones are the newest; a best is replaced only by a strictly better one, so
+    it keeps the step where it was first reached."""
+    out = {key: (held or {}).get(key) for key in SUMMARY_KEYS}
+    if new.get("step") is not None:
+        out |= {key: new.get(key) for key in FINAL_KEYS}
+    for value, step, better in (("best_loss", "best_loss_step", float.__lt__),
+                                ("best_accuracy", "best_accuracy_step", float.__gt__)):
+        if new.get(value) is not None and (
+                out[value] is None or better(float(new[value]), float(out[value]))):
+            out[value], out[step] = new[value], new[step]
+    return encode(out)
+
+
+def encode(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON for the page's Store: a NaN or infinite final value as text ("nan", "inf"),
+    which strict JSON would turn into null."""
+    return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in figures.items()}
+
+
+def decode(figures: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: float(v) if isinstance(v, str) else v for k, v in figures.items()}
 
 
 # -- the table ----------------------------------------------------------------------------
@@ -181,21 +240,18 @@ def _best(text: str, step: int | None) -> list[Any]:
                                        className="at-step")]
 
 
-def table_rows(ctx: BoardContext, order: Sequence[int], found: Mapping[int, Mapping[str, Any]],
+def table_rows(order: Sequence[int], found: Mapping[int, Mapping[str, Any]],
                runs: Mapping[str, Mapping[str, Any]]) -> list[html.Tr]:
-    """One row per compared run, in the order chosen: two queries for all of them."""
-    summary = ctx.queries.compare_summary(order)
-    history: dict[int, list[dict[str, Any]]] = {}
-    for change in ctx.queries.compare_changes(order):
-        history.setdefault(change["run_id"], []).append(change)
+    """One row per compared run, in the order chosen, from what the state holds."""
     colors = run_colors(order)
-    return [compare_row(found[run_id], runs[str(run_id)]["status"], summary.get(run_id, {}),
-                        history.get(run_id, []), colors[run_id])
+    return [compare_row(found[run_id], runs[str(run_id)]["status"],
+                        decode(runs[str(run_id)]["summary"]), runs[str(run_id)]["history"],
+                        colors[run_id])
             for run_id in order]
 
 
 def compare_row(run: Mapping[str, Any], status: str, figures: Mapping[str, Any],
-                changes: Sequence[Mapping[str, Any]], color: int) -> html.Tr:
+                history: Sequence[str], color: int) -> html.Tr:
     """Names, tags and history are text nodes: shown verbatim, never as HTML."""
     step = figures.get("step")
     return html.Tr(
@@ -216,8 +272,7 @@ def compare_row(run: Mapping[str, Any], status: str, figures: Mapping[str, Any],
                     className="num best-loss"),
             html.Td(_best(_accuracy(figures.get("best_accuracy")),
                           figures.get("best_accuracy_step")), className="num best-accuracy"),
-            html.Td([html.Div(line) for line in change_summaries(changes)],
-                    className="compare-history"),
+            html.Td([html.Div(line) for line in history], className="compare-history"),
         ],
         **{"data-run-id": str(run["run_id"])},
     )

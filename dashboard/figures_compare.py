@@ -127,6 +127,27 @@ def compare_extensions(
 
 # -- the table's numbers ----------------------------------------------------------------
 
+
+def summarize(rows: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """The figures of statistics rows (step, train_loss, validate_loss, train_accuracy,
+    validate_accuracy), oldest first: the last row's step, train loss, validation loss
+    and accuracy, and the best validation loss and accuracy with the step each was first
+    reached. NaN, infinite and missing values never count as best (None if none is
+    finite); {} without rows."""
+    if not rows:
+        return {}
+    last = rows[-1]
+    out: dict[str, Any] = {"step": last[0], "train_loss": last[1], "validate_loss": last[2],
+                           "validate_accuracy": last[4]}
+    for name, i, pick in (("best_loss", 2, np.argmin), ("best_accuracy", 4, np.argmax)):
+        values = np.array([math.nan if r[i] is None else r[i] for r in rows], dtype=float)
+        finite = np.flatnonzero(np.isfinite(values))
+        best = finite[pick(values[finite])] if len(finite) else None  # the first, on ties
+        out[name] = None if best is None else float(values[best])
+        out[f"{name}_step"] = None if best is None else rows[best][0]
+    return out
+
+
 CHANGE_NAMES = {"optimizer": "opt", "learning_rate": "lr", "weight_decay": "wd",
                 "dropout": "dropout", "grad_clip": "clip"}
 

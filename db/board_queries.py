@@ -7,11 +7,10 @@ the same on a 50,000-step run as on a fresh one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, or_, select
+from sqlalchemy import Engine, and_, func, or_, select
 
 from db import schema as s
 
@@ -370,16 +369,16 @@ class BoardQueries:
         return _rows(self.engine, query)
 
     def compare_points(
-        self, run_ids: Sequence[int], limit: int = CURVE_ROWS_LIMIT
+        self, run_ids: Sequence[int], limit: int | None = None
     ) -> list[tuple[Any, ...]]:
         """(run_id, step, train_loss, validate_loss, train_accuracy, validate_accuracy) of
-        every compared run, by run then step."""
+        every compared run, by run then step (at most CURVE_ROWS_LIMIT a run by default)."""
         t = s.statistics
         query = (
             select(t.c.run_id, t.c.step, *(t.c[name] for name in CURVE_COLUMNS))
             .where(t.c.run_id.in_(list(run_ids)))
             .order_by(t.c.run_id, t.c.step)
-            .limit(limit)
+            .limit(CURVE_ROWS_LIMIT * max(1, len(run_ids)) if limit is None else limit)
         )
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query)]
@@ -402,52 +401,6 @@ class BoardQueries:
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(query)]
 
-    def compare_summary(self, run_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
-        """Per run: the last logged step with its train loss, validation loss and accuracy,
-        and the best validation loss and accuracy with the step each was first reached.
-        NaN, infinite and missing values never count as best (None when no value is
-        finite). One pass over the runs' statistics, ranked by window functions."""
-        t = s.statistics
-        loss, accuracy = t.c.validate_loss, t.c.validate_accuracy
-
-        def finite_first(column: Any) -> Any:
-            # NULL and NaN fail both comparisons on either back end (bound, not inlined).
-            finite = and_(column > float("-inf"), column < float("inf"))
-            return case((finite, 0), else_=1)
-
-        def rank(*order: Any) -> Any:
-            return func.row_number().over(partition_by=t.c.run_id, order_by=order)
-
-        ranked = (
-            select(
-                t.c.run_id, t.c.step, t.c.train_loss, loss, accuracy,
-                rank(t.c.step.desc()).label("from_last"),
-                rank(finite_first(loss), loss, t.c.step).label("loss_rank"),
-                rank(finite_first(accuracy), accuracy.desc(), t.c.step).label("accuracy_rank"),
-            )
-            .where(t.c.run_id.in_(list(run_ids)))
-            .subquery()
-        )
-        query = select(ranked).where(
-            or_(ranked.c.from_last == 1, ranked.c.loss_rank == 1, ranked.c.accuracy_rank == 1)
-        )
-        summary: dict[int, dict[str, Any]] = {}
-        for row in _rows(self.engine, query):
-            out = summary.setdefault(row["run_id"], {
-                "step": None, "train_loss": None, "validate_loss": None,
-                "validate_accuracy": None, "best_loss": None, "best_loss_step": None,
-                "best_accuracy": None, "best_accuracy_step": None,
-            })
-            if row["from_last"] == 1:
-                out |= {k: row[k] for k in ("step", "train_loss", "validate_loss",
-                                            "validate_accuracy")}
-            if row["loss_rank"] == 1 and _finite(row["validate_loss"]):
-                out |= {"best_loss": row["validate_loss"], "best_loss_step": row["step"]}
-            if row["accuracy_rank"] == 1 and _finite(row["validate_accuracy"]):
-                out |= {"best_accuracy": row["validate_accuracy"],
-                        "best_accuracy_step": row["step"]}
-        return summary
-
     def compare_changes(
         self, run_ids: Sequence[int], per_run: int = COMPARE_HISTORY_LIMIT
     ) -> list[dict[str, Any]]:
@@ -466,6 +419,3 @@ class BoardQueries:
         )
         return _rows(self.engine, query)
 
-
-def _finite(value: Any) -> bool:
-    return value is not None and math.isfinite(value)

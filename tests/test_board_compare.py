@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from dashboard.callbacks_compare import REBUILD_POINTS, chosen_ids, update_comparison
+from dashboard.callbacks_compare import REBUILD_POINTS, chosen_ids, decode, update_comparison
 from dashboard.context import BoardContext
 from dashboard.downsample import MAX_POINTS
 from dashboard.figures_compare import PALETTE, change_summaries, run_colors, short_number
@@ -63,8 +63,9 @@ def test_three_runs_are_compared_with_one_query_per_concern(
     ids = three_runs(store)
     with selects(store) as seen:
         built = update_comparison(ctx, ids, None)
-    # marks, curve points, the table's figures, the parameter histories: each batched.
-    assert len(seen) == 4, seen
+    # marks, curve points (the table's figures come from them), parameter histories:
+    # each one query for the three runs.
+    assert len(seen) == 3, seen
     assert all(" IN (" in q or " IN(" in q for q in seen), seen
     assert built is not None and built.loss_figure is not None and built.shown
     assert built.state["run_ids"] == ids and built.state["live"]
@@ -76,12 +77,20 @@ def test_three_runs_are_compared_with_one_query_per_concern(
     log_steps(store, ids[1], [200, 210])
     with selects(store) as seen:
         refresh = update_comparison(ctx, ids, built.state)
-    assert len(seen) == 4  # marks, the new rows, figures, histories
+    assert len(seen) == 2  # marks and the new rows: their figures are merged in
     assert refresh is not None and refresh.loss_figure is None
     update, traces = refresh.loss_extend
     assert traces == [2, 3]  # beta's train and validation traces only
     assert update["x"] == [[200, 210], [200, 210]]
     assert refresh.state["runs"][str(ids[1])]["step"] == 210
+    assert "210" in row_of(refresh, ids[1])
+
+    store.submit_parameters(ids[2], learning_rate=1e-3)  # a new version, no new rows
+    acknowledge(store, ids[2], step=120, delay_ms=5)
+    with selects(store) as seen:
+        adopted = update_comparison(ctx, ids, refresh.state)
+    assert len(seen) == 2  # marks and that run's history
+    assert adopted.loss_extend is None and "step 120: lr 3e-4→1e-3" in row_of(adopted, ids[2])
 
 
 def test_nothing_compared_costs_no_query(ctx: BoardContext, store: Store) -> None:
@@ -199,7 +208,8 @@ def test_final_and_best_figures_for_crafted_statistics(ctx: BoardContext, store:
     log_steps(store, silent, [1, 2], {**stat(1, None, None), **stat(2, None, None, 3.0)})
 
     ids = [steady, diverged, silent, empty]
-    summary = ctx.queries.compare_summary(ids)
+    built = update_comparison(ctx, ids, None)
+    summary = {run_id: decode(built.state["runs"][str(run_id)]["summary"]) for run_id in ids}
     assert summary[steady] == {
         "step": 50, "train_loss": 0.25, "validate_loss": 0.7, "validate_accuracy": 75.0,
         "best_loss": 0.5, "best_loss_step": 30, "best_accuracy": 90.0,
@@ -213,16 +223,30 @@ def test_final_and_best_figures_for_crafted_statistics(ctx: BoardContext, store:
     s = summary[silent]
     assert (s["step"], s["train_loss"], s["best_loss"], s["best_accuracy"]) == (2, 3.0, None,
                                                                                  None)
-    assert empty not in summary
+    assert summary[empty]["step"] is None and summary[empty]["best_loss"] is None
 
-    built = update_comparison(ctx, ids, None)
     assert len(built.rows) == 4
     row = row_of(built, steady)
     for expected in ("steady", "running", "smallcnn", "mnist5k", "50", "0.2500", "0.7000",
                      "75.00 %", "0.5000 step 30", "90.00 % step 20", "start: Adam"):
         assert expected in row, (expected, row)
     assert "1.5000 step 5" in row_of(built, diverged)
+    assert "NaN" in row_of(built, diverged) or backend_is_sqlite(store)
     assert row_of(built, empty).count("—") >= 6
+
+    # A refresh merges the new rows' figures into those held: a better loss replaces the
+    # best, an equal accuracy does not (the first step it was reached stays).
+    log_steps(store, steady, [60, 70], {**stat(60, 0.4, 90.0), **stat(70, 0.45, 85.0)})
+    refresh = update_comparison(ctx, ids, built.state)
+    merged = decode(refresh.state["runs"][str(steady)]["summary"])
+    assert (merged["step"], merged["validate_loss"], merged["best_loss"],
+            merged["best_loss_step"], merged["best_accuracy_step"]) == (70, 0.45, 0.4, 60, 20)
+    assert merged == decode(update_comparison(ctx, ids, None).state["runs"][str(steady)]
+                            ["summary"])  # the same as reading the whole run again
+
+
+def backend_is_sqlite(store: Store) -> bool:
+    return store.dialect == "sqlite"
 
 
 def test_the_table_shows_each_runs_own_parameter_history(

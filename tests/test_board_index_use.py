@@ -83,7 +83,6 @@ def every_board_query(q: BoardQueries, run_id: int) -> None:
     q.compare_marks(both)
     q.compare_points(both)
     q.compare_points_after({run_id: 1500, run_id + 1: 1900})
-    q.compare_summary(both)
     q.compare_changes(both)
 
 
