@@ -256,10 +256,10 @@ def compare_row(run: Mapping[str, Any], status: str, figures: Mapping[str, Any],
     step = figures.get("step")
     return html.Tr(
         [
-            html.Td([html.Span(className=f"run-swatch run-color-{color}"),
-                     html.Span(f"#{run['run_id']}", className="run-id-cell"),
-                     html.Span(run["name"], className="compare-name")],
-                    className="compare-run"),
+            html.Td(html.Div([html.Span(className=f"run-swatch run-color-{color}"),
+                              html.Span(f"#{run['run_id']}", className="run-id-cell"),
+                              html.Span(run["name"], className="compare-name")],
+                             className="compare-run")),
             html.Td([html.Span(tag, className="tag") for tag in run["tags"] or []]),
             html.Td(html.Span(status, className=f"badge status-{status}")),
             html.Td(run["model_name"]),

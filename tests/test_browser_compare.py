@@ -13,6 +13,7 @@ under CI=true).
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections.abc import Iterator
@@ -40,20 +41,22 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
     until,
     wait_for_http,
 )
+from tests.test_browser_insight import save_section_screenshot
 
 ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "compare.png"
 BEST = {"baseline": (91.5, 200), "lr-high": (88.25, 150)}  # best val accuracy, its step
 
 
 def statistics(steps: range, best: tuple[float, int] | None = None,
                offset: float = 0.0) -> list[dict[str, Any]]:
-    """Rows as the trainer logs them; accuracy peaks at `best` = (value, step)."""
+    """Rows as the trainer logs them; validation accuracy peaks at `best` = (value, step),
+    once (a parabola), or keeps rising without one."""
     start = now() - timedelta(seconds=len(steps))
     rows = []
     for i, step in enumerate(steps):
-        accuracy = 50.0 + step / 10 if best is None else min(best[0] - 1, 40.0 + step / 10)
-        if best is not None and step == best[1]:
-            accuracy = best[0]
+        accuracy = (60.0 + 30.0 * (1 - math.exp(-step / 100)) if best is None
+                    else best[0] - 4e-4 * (step - best[1]) ** 2)
         rows.append({
             "step": step, "epoch": 1, "dt": start + timedelta(seconds=i),
             "optimizer": "Adam", "learning_rate": 3e-4, "weight_decay": 0.0, "dropout": 50,
@@ -214,6 +217,9 @@ def test_compare_rename_tag_and_hide_runs(
             drawn = len(overlay(browser, "compare-loss-graph")[4]["x"])
             until(browser, lambda d: len(overlay(d, "compare-loss-graph")[4]["x"]) > drawn,
                   "the live run's curve to grow on the overlay", timeout=30)
+            if backend == "postgresql":  # the README's picture
+                until(browser, lambda d: table_row(d, live), "the live run in the table")
+                save_section_screenshot(browser, "#compare", SCREENSHOT)
 
             # Rename the watched run: the selector, the header, the overlay, the database.
             until(browser, lambda d: d.find_element(By.ID, "run-name-input")
