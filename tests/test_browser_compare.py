@@ -6,7 +6,9 @@ here) keeps logging and heartbeating, and a scratch run to hide. The user picks
 two runs in the comparison and sees both overlaid (training solid, validation
 dashed, one colour each) with the right best accuracy in the table, adds the
 live run and sees its curve grow, renames and tags the run being watched, hides
-the scratch run and finds it again with "show hidden". Runs on PostgreSQL and
+the scratch run and finds it again with "show hidden". The page's own requests
+are recorded: nothing is asked for the comparison while nothing is compared, or
+while only finished runs are. Runs on PostgreSQL and
 on SQLite; the same Chromium requirements as test_browser_board.py (a failure
 under CI=true).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -98,6 +101,28 @@ def live_trainer(store: Store, run_id: int) -> Iterator[None]:
         thread.join(10)
 
 
+# Installed before the page loads: the `output` of every callback request the page sends.
+RECORD_REQUESTS = """
+window.__dashOutputs = [];
+const realFetch = window.fetch;
+window.fetch = function (url, options) {
+  try {
+    if (String(url).includes('_dash-update-component') && options && options.body) {
+      window.__dashOutputs.push(JSON.parse(options.body).output);
+    }
+  } catch (e) { /* not a callback request */ }
+  return realFetch.apply(this, arguments);
+};
+"""
+SLOW_TICK = 5.0  # seconds: the slow-refresh interval the comparison follows
+
+
+def compare_requests(driver: WebDriver) -> int:
+    """Callback requests for the comparison the page has sent so far."""
+    return driver.execute_script(
+        "return window.__dashOutputs.filter(o => o.includes('compare-loss-graph')).length;")
+
+
 def overlay(driver: WebDriver, graph_id: str) -> list[dict[str, Any]]:
     """What Plotly draws in a comparison graph now: per trace its run, kind, style, x."""
     return driver.execute_script(
@@ -178,11 +203,17 @@ def test_compare_rename_tag_and_hide_runs(
     try:
         with live_trainer(store, live), spawn(board_args, tmp_path, board_log) as board:
             wait_for_http(board_url, board, board_log)
+            browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument",
+                                    {"source": RECORD_REQUESTS})
             browser.get(board_url)
-            # The board watches the live run; nothing is compared yet.
+            # The board watches the live run; nothing is compared yet, and nothing is
+            # asked for the comparison, tick after tick.
             until(browser, lambda d: text(d, ".run-name") == "live-one",
                   f"the live run in the header; board log:\n{tail(board_log)}")
+            time.sleep(SLOW_TICK + 1)
             assert overlay(browser, "compare-loss-graph") == []
+            assert compare_requests(browser) == 0
+            assert browser.execute_script("return window.__dashOutputs.length;") > 5
 
             # Two runs overlaid: one colour each, training solid, validation dashed.
             assert option_labels(browser, "compare-select")[0].startswith(f"#{live} live-one")
@@ -210,6 +241,12 @@ def test_compare_rename_tag_and_hide_runs(
                 assert f"{value:.2f} %\nstep {step}" in row, row
                 assert "start: Adam, lr 3e-4" in row
 
+            # Finished runs do not change: the slow tick asks nothing more about them.
+            asked = compare_requests(browser)
+            assert asked == 2  # one per choice
+            time.sleep(SLOW_TICK + 1)
+            assert compare_requests(browser) == asked
+
             # The live run joins, and its curve grows with the slow refresh.
             pick(browser, "compare-select", f"#{live} live-one")
             until(browser, lambda d: len(overlay(d, "compare-loss-graph")) == 6,
@@ -217,6 +254,7 @@ def test_compare_rename_tag_and_hide_runs(
             drawn = len(overlay(browser, "compare-loss-graph")[4]["x"])
             until(browser, lambda d: len(overlay(d, "compare-loss-graph")[4]["x"]) > drawn,
                   "the live run's curve to grow on the overlay", timeout=30)
+            assert compare_requests(browser) > asked + 1  # the choice, then the ticks
             if backend == "postgresql":  # the README's picture
                 until(browser, lambda d: table_row(d, live), "the live run in the table")
                 save_section_screenshot(browser, "#compare", SCREENSHOT)
