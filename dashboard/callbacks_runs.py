@@ -47,19 +47,20 @@ def choose_run(
     current one (in both lists) and the compared ones (in the comparison's list). The
     comparison's list has the chosen run first, marked as the one watched."""
     now = now or utc_now()
-    keep = [current, *compared]
+    keep = [run_id for run_id in (current, *compared) if run_id is not None]
     runs = ctx.queries.runs(show_hidden=show_hidden, keep=keep)
     if not runs and not show_hidden:  # every run is hidden: still show one
         runs = ctx.queries.runs(limit=1)
+    newest = {r["run_id"] for r in runs if show_hidden or not r["hidden"]}
+    if missing := set(keep) - {r["run_id"] for r in runs}:  # older than the list's newest
+        runs = sorted(runs + ctx.queries.runs(only=missing), key=lambda r: -r["run_id"])
     statuses = {r["run_id"]: effective_status(r, now) for r in runs}
-    listed = [r for r in runs if show_hidden or not r["hidden"] or r["run_id"] == current]
-    if current in statuses:
-        value = current
-    else:
-        pool = listed or runs
+    value = current if current in statuses else None
+    if value is None:
+        pool = [r for r in runs if r["run_id"] in newest] or runs
         live = [r["run_id"] for r in pool if statuses[r["run_id"]] in LIVE_STATUSES]
         value = live[0] if live else (pool[0]["run_id"] if pool else None)
-        listed = [r for r in runs if show_hidden or not r["hidden"] or r["run_id"] == value]
+    listed = [r for r in runs if r["run_id"] in newest or r["run_id"] == value]
     options = [{"label": run_label(r, statuses[r["run_id"]]), "value": r["run_id"]}
                for r in listed]
     ordered = sorted(runs, key=lambda r: r["run_id"] != value)  # stable: newest first after

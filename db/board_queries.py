@@ -37,11 +37,12 @@ class BoardQueries:
         self.engine = engine
 
     def runs(
-        self, limit: int = RUN_LIST_LIMIT, show_hidden: bool = True, keep: Iterable[int] = ()
+        self, limit: int = RUN_LIST_LIMIT, show_hidden: bool = True, keep: Iterable[int] = (),
+        only: Iterable[int] | None = None,
     ) -> list[dict[str, Any]]:
         """Newest first, without the config document (the selector does not need it).
         Without `show_hidden`, hidden runs are left out, except those in `keep` (the run
-        the page shows, the runs it compares)."""
+        the page shows, the runs it compares); with `only`, just those runs."""
         r = s.runs
         query = (
             select(r.c.run_id, r.c.name, r.c.model_name, r.c.dataset, r.c.status,
@@ -49,6 +50,8 @@ class BoardQueries:
             .order_by(r.c.run_id.desc())
             .limit(limit)
         )
+        if only is not None:
+            query = query.where(r.c.run_id.in_([int(i) for i in only]))
         if not show_hidden:
             kept = [int(k) for k in keep if k is not None]
             query = query.where(or_(~r.c.hidden, r.c.run_id.in_(kept)) if kept else ~r.c.hidden)

@@ -79,6 +79,7 @@ def every_board_query(q: BoardQueries, run_id: int) -> None:
     q.abandoned_points(run_id)
     # issue 7: the run lists without hidden runs, and a comparison of both seeded runs
     q.runs(show_hidden=False, keep=[run_id])
+    q.runs(only=[run_id])
     both = [run_id, run_id + 1]
     q.compare_marks(both)
     q.compare_points(both)

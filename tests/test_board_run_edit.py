@@ -13,6 +13,7 @@ from dashboard.callbacks_run_edit import edit_run, parse_tags, sync_run_fields
 from dashboard.callbacks_runs import choose_run, run_header
 from dashboard.context import BoardContext
 from db import schema as s
+from db.board_queries import RUN_LIST_LIMIT
 from db.store import RUN_NAME_MAX, TAG_MAX, TAGS_MAX, Store
 from tests.test_board_callbacks import new_run, text_of
 
@@ -196,3 +197,19 @@ def test_the_header_shows_tags_and_hidden(ctx: BoardContext, store: Store) -> No
     spans = [c.children for c in title.children if getattr(c, "className", "") == "tag"]
     assert spans == ["<i>x</i>"]  # a text node, never HTML
     assert "hidden" in text_of(title)
+
+
+def test_runs_in_view_stay_listed_beyond_the_lists_length(ctx: BoardContext,
+                                                          store: Store) -> None:
+    """The run watched and the runs compared stay selectable when newer runs push them
+    past the list's length (the dropdowns would otherwise drop them from their value)."""
+    old, compared = new_run(store, "old"), new_run(store, "compared")
+    for i in range(RUN_LIST_LIMIT):
+        new_run(store, f"newer {i}")
+    assert old not in [o["value"] for o in choose_run(ctx, None).options]
+    choice = choose_run(ctx, old, compared=[compared])
+    assert choice.value == old
+    assert [o["value"] for o in choice.options][-1:] == [old]
+    listed = [o["value"] for o in choice.compare_options]
+    assert listed[0] == old and listed[-1] == compared  # the watched run first
+    assert compared not in [o["value"] for o in choice.options]
