@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -37,12 +38,13 @@ def torchrun(tmp_path: Path, url: str, *extra: str) -> Iterator[subprocess.Popen
              "--checkpoint-dir", str(tmp_path / "checkpoints"), *extra],
             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
+            start_new_session=True,  # so a failed test kills the ranks with their launcher
         )
         try:
             yield proc
         finally:
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             if proc.returncode != 0:
                 print(log_path.read_text()[-4000:])
