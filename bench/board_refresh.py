@@ -14,7 +14,9 @@ subprocess (waitress), and the requests the browser sends to
   callback the 1 s interval sets off -- the change tokens (dashboard.callbacks_changes),
   then the panels they wake -- with the page state carried over from the previous
   responses, each wave sent at once over six connections as dash-renderer does; its
-  latency is the time until the last answer, its bytes the sum of the answers.
+  latency is the time until the last answer, its bytes the sum of the answers;
+- comparison: the newest `COMPARED` runs chosen in compare-select (every curve of each
+  read and downsampled), then a slow tick after one of them logged a new step.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ RUNS = 20
 # telemetry rows. A trainer writes it on every log; a fiftieth as many keeps seeding the
 # 20-run database to a few minutes, and the board reads these tables by index either way.
 TELEMETRY_EVERY = 50
+COMPARED = 3  # runs overlaid in the comparison benchmark
 BINS = 40
 Prop = tuple[str, str]
 
@@ -346,6 +349,20 @@ def bench(backend: str, steps: int, runs: int, loads: int,
                 refresh_all.append((wall, sum(b for _, b in fired.values())))
             count = len(fired)  # what one refresh set off, the token-driven ones included
             first_count = len(first_fired)
+            compared = list(range(run_id, run_id - min(COMPARED, runs), -1))
+            compare_builds, compare_refreshes = [], []
+            for _ in range(loads):  # each a new page choosing the runs to compare
+                page = DashPage(port, run_id)
+                page.props[("compare-select", "value")] = compared
+                wall, fired = page.fire_together(("compare-select", "value"))
+                compare_builds.append((wall, sum(b for _, b in fired.values())))
+            for i in range(refreshes):  # the slow tick the browser lets through (a live run)
+                last += LOG_EVERY
+                store.write_batch(run_id, Batch(statistics=[stats_row(last, start)],
+                                                heartbeat=now()))
+                page.props[("compare-tick", "data")] = i + 1
+                wall, fired = page.fire_together(("compare-tick", "data"))
+                compare_refreshes.append((wall, sum(b for _, b in fired.values())))
         store.close()
     for label, samples in (
         ("first load: curves callback", first_curves),
@@ -353,11 +370,15 @@ def bench(backend: str, steps: int, runs: int, loads: int,
         ("refresh: curves callback (1 new row)", refresh_curves),
         (f"refresh: run list ({runs} runs)", refresh_runs),
         (f"refresh: all {count} callbacks", refresh_all),
+        (f"compare {len(compared)} runs: build", compare_builds),
+        (f"compare {len(compared)} runs: refresh (1 new row)", compare_refreshes),
     ):
         p50, p95, size = summarize(samples)
         rows.append((backend, label, f"{len(samples)}", f"{p50:.1f}", f"{p95:.1f}", f"{size:,}"))
     _, first_p95, _ = summarize(first_all)
     _, refresh_p95, _ = summarize(refresh_all)
+    _, build_p95, _ = summarize(compare_builds)
+    _, compare_p95, _ = summarize(compare_refreshes)
     verdicts = [
         budget.Verdict(f"board {backend} refresh p95, all {count} callbacks", refresh_p95,
                        budget.REFRESH_P95_MS, "ms"),
@@ -368,6 +389,10 @@ def bench(backend: str, steps: int, runs: int, loads: int,
         budget.Verdict(f"board {backend} first load bytes (largest)",
                        max(b for _, b in first_all), budget.FIRST_LOAD_BYTES, "B"),
         budget.Verdict(f"board {backend} points per curve trace", points, MAX_POINTS, "points"),
+        budget.Verdict(f"board {backend} comparison of {len(compared)} runs x {steps:,} steps, "
+                       "build p95", build_p95, budget.FIRST_LOAD_MS, "ms"),
+        budget.Verdict(f"board {backend} comparison refresh p95", compare_p95,
+                       budget.REFRESH_P95_MS, "ms"),
     ]
     return rows, verdicts
 
