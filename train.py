@@ -173,6 +173,13 @@ class StopSignal:
         print("\nstopping after this step (Ctrl-C again to interrupt)", file=sys.stderr)
 
 
+def say(line: str) -> None:
+    """A line on stderr in one write: torchrun's ranks share the terminal (or log), and
+    print() writes the text and its newline separately, so lines could interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _float(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -311,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         on_removed=lambda c: writer.checkpoint_removed(c.step),
     )
     where = f" (rank {ranks.rank} of {ranks.world_size})" * ranks.distributed
-    print(f"run {run_id} '{run_name}' on {device}{where}, database {describe_url(url)}",
-          file=sys.stderr)
+    say(f"run {run_id} '{run_name}' on {device}{where}, database {describe_url(url)}")
 
     steps_per_epoch = len(train_loader)
     total = min(args.epochs * steps_per_epoch, args.max_steps or sys.maxsize)
@@ -484,9 +490,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{describe_change(params, new)}{flags}",
                          step=step, version=state.version)
         if ranks.distributed:  # each rank says so: the proof that they agree on the step
-            print(f"rank {ranks.rank}: version {state.version} applied at step {step}: "
-                  f"{describe(new or params)}{', stopping' * stopping}{', paused' * paused}",
-                  file=sys.stderr, flush=True)
+            say(f"rank {ranks.rank}: version {state.version} applied at step {step}: "
+                f"{describe(new or params)}{', stopping' * stopping}{', paused' * paused}")
         params = new or params
 
     def poll_control(during_log: bool = False) -> None:
@@ -623,8 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.status(status, ended=True)
         if ranks.distributed:  # equal fingerprints: every rank made the same updates
             fingerprint = sum(p.detach().double().abs().sum().item() for p in model.parameters())
-            print(f"rank {ranks.rank}: {status} at step {step}, weights {fingerprint:.12g}",
-                  file=sys.stderr, flush=True)
+            say(f"rank {ranks.rank}: {status} at step {step}, weights {fingerprint:.12g}")
         return 0
     except KeyboardInterrupt:
         writer.event("warning", "run_interrupted", f"interrupted at step {step}", step=step)
