@@ -24,7 +24,7 @@ from typing import Any
 
 from dash import Dash, Input, Output, State, html, no_update
 
-from dashboard.context import BoardContext
+from dashboard.context import BoardContext, or_no_update
 from dashboard.downsample import MAX_POINTS
 from dashboard.figures_compare import (
     change_summaries,
@@ -307,11 +307,11 @@ def register(app: Dash, ctx: BoardContext) -> None:
         if update is None:
             return (no_update,) * 7
         return (
-            update.loss_figure if update.loss_figure is not None else no_update,
-            update.accuracy_figure if update.accuracy_figure is not None else no_update,
-            update.loss_extend if update.loss_extend is not None else no_update,
-            update.accuracy_extend if update.accuracy_extend is not None else no_update,
-            update.rows if update.rows is not None else no_update,
+            or_no_update(update.loss_figure),
+            or_no_update(update.accuracy_figure),
+            or_no_update(update.loss_extend),
+            or_no_update(update.accuracy_extend),
+            or_no_update(update.rows),
             BODY_CLASS if update.shown else f"{BODY_CLASS} hidden",
             update.state,
         )

@@ -16,7 +16,7 @@ from typing import Any
 
 from dash import ALL, Dash, Input, Output, State, callback_context, no_update
 
-from dashboard.context import BoardContext
+from dashboard.context import BoardContext, or_no_update
 from dashboard.layout import FIELDS, LR_SLIDER_MIN
 from dashboard.status import effective_status, format_duration, format_number, is_live
 from db.store import now as utc_now
@@ -256,9 +256,9 @@ def register(app: Dash, ctx: BoardContext) -> None:
     def _lr_slider(text: Any, position: float | None) -> tuple:
         if callback_context.triggered_id == "lr-slider" and position is not None:
             typed = slider_to_lr(position, text)
-            return typed if typed is not None else no_update, no_update
+            return or_no_update(typed), no_update
         slider = lr_to_slider(text)
-        return no_update, slider if slider is not None else no_update
+        return no_update, or_no_update(slider)
 
     @app.callback(
         Output({"type": "field", "name": ALL}, "className"),

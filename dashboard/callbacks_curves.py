@@ -16,7 +16,7 @@ from typing import Any
 
 from dash import Dash, Input, Output, State, no_update
 
-from dashboard.context import BoardContext
+from dashboard.context import BoardContext, or_no_update
 from dashboard.figures import change_lines, curve_extensions, curve_figures
 from dashboard.smoothing import SMOOTHING_MAX
 from db.board_queries import CURVE_ROWS_LIMIT, HISTORY_LIMIT, REFRESH_ROWS
@@ -123,10 +123,10 @@ def register(app: Dash, ctx: BoardContext) -> None:
         if update is None:
             return (no_update,) * 6
         return (
-            update.loss_figure if update.loss_figure is not None else no_update,
-            update.accuracy_figure if update.accuracy_figure is not None else no_update,
-            update.loss_extend if update.loss_extend is not None else no_update,
-            update.accuracy_extend if update.accuracy_extend is not None else no_update,
+            or_no_update(update.loss_figure),
+            or_no_update(update.accuracy_figure),
+            or_no_update(update.loss_extend),
+            or_no_update(update.accuracy_extend),
             update.state,
             f"{update.state['weight']:.2f}",
         )

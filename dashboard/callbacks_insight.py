@@ -17,7 +17,7 @@ from typing import Any
 
 from dash import Dash, Input, Output, State, html, no_update
 
-from dashboard.context import BoardContext
+from dashboard.context import BoardContext, or_no_update
 from dashboard.figures_insight import (
     ACT_MEAN_GRAPH,
     LINE_CHARTS,
@@ -345,8 +345,8 @@ def register(app: Dash, ctx: BoardContext) -> None:
         if update is None:
             return no_update, no_update, no_update, no_update
         return (
-            update.figure if update.figure is not None else no_update,
-            update.extension if update.extension is not None else no_update,
-            update.info if update.info is not None else no_update,
+            or_no_update(update.figure),
+            or_no_update(update.extension),
+            or_no_update(update.info),
             update.state,
         )

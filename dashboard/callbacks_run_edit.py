@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dash import Dash, Input, Output, State, callback_context, no_update
+from dash import Dash, Input, Output, State, callback_context
 
-from dashboard.context import BoardContext
+from dashboard.context import BoardContext, or_no_update
 from db.store import now as utc_now
 
 ACTIONS = ("rename", "tags", "hide")
@@ -106,8 +106,8 @@ def register(app: Dash, ctx: BoardContext) -> None:
     def _sync(_token: Any, _edit: Any, run_id: int | None, loaded: dict | None) -> tuple:
         fields = sync_run_fields(ctx, run_id, loaded)
         return (
-            fields.name if fields.name is not None else no_update,
-            fields.tags if fields.tags is not None else no_update,
+            or_no_update(fields.name),
+            or_no_update(fields.tags),
             fields.hide_label, fields.disabled, fields.disabled, fields.disabled,
             fields.state,
         )

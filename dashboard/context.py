@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from dash import no_update
 
 from db.board_queries import BoardQueries
 from db.store import Store, describe_url
@@ -21,3 +24,8 @@ class BoardContext:
     def db_label(self) -> str:
         """The database URL with any password masked."""
         return describe_url(self.store.url)
+
+
+def or_no_update(value: Any) -> Any:
+    """The value for an output, or Dash's no_update when there is none (None)."""
+    return no_update if value is None else value
