@@ -429,11 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     def restore(found: Checkpoint) -> None:
         """Load a checkpoint into the live model and optimizer; later rows become a branch."""
         nonlocal optimizer, params, step, epoch, last_logged
-        if ranks.distributed:  # rank 0 has the file; every rank loads what it read
-            state = ranks.from_main(ring.load(found, torch.device("cpu"))
-                                    if ranks.is_main else None)
-        else:
-            state = ring.load(found, device)
+        # Rank 0 has the file; every rank loads what it read (load_state_dict moves it).
+        state = ranks.from_main(ring.load(found, torch.device("cpu")) if ranks.is_main else None)
         model.load_state_dict(state["model"])
         restored = Hyperparameters(**state["parameters"])
         optimizer = build_optimizer(
