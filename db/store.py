@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,15 +51,38 @@ def describe_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+SQLITE_BUSY_SECONDS = 10.0
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets the board read while the trainer writes; busy_timeout waits out
-    # the other process's short write transactions instead of failing.
+    # busy_timeout waits out the other process's short write transactions instead
+    # of failing; WAL lets the board read while the trainer writes.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
+    _enter_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _enter_wal(cursor: Any) -> None:
+    """WAL is a property of the file: once set it stays. Setting it needs the file to
+    itself, and SQLite answers "database is locked" at once, without the busy handler,
+    when another connection opens the new file at the same moment (a sweep, or the
+    board and a trainer starting together): so retry for as long as busy_timeout."""
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    delay = 0.005
+    while True:
+        try:  # answers the mode now in force: "memory" for an in-memory database
+            if cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() in ("wal", "memory"):
+                return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+        if time.monotonic() >= deadline:
+            raise sqlite3.OperationalError("database is locked: could not switch it to WAL")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def make_engine(url: str, pre_ping: bool = True) -> Engine:
@@ -65,7 +90,7 @@ def make_engine(url: str, pre_ping: bool = True) -> Engine:
     Without it a connection the server dropped fails once, and the pool is renewed."""
     url = resolve_url(url)
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 10})
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # connect_timeout: a host that drops packets fails in seconds, not minutes.
