@@ -1,8 +1,9 @@
 """The background listener: hands new parameter versions to the training loop.
 
-On PostgreSQL it LISTENs (the table's trigger NOTIFYs on every update, from any
-client) and re-reads the row every few seconds as a safety net; on SQLite it
-polls the row. The training loop only tests `changed.is_set()` once per step.
+It waits on the store's change signal (LISTEN/NOTIFY on PostgreSQL, where the
+table's trigger NOTIFYs on every update from any client; a commit counter on
+SQLite), reads the row when woken, and re-reads it every few seconds anyway as a
+safety net. The training loop only tests `changed.is_set()` once per step.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from db.store import ParameterState, Store
 
 log = logging.getLogger(__name__)
 
-SAFETY_POLL_SECONDS = 2.0  # PostgreSQL: NOTIFY wakes us; this catches anything missed
-SQLITE_POLL_SECONDS = 0.05  # one primary-key read; cheap enough to keep latency low
+SAFETY_POLL_SECONDS = 2.0  # the change signal wakes us; this catches anything missed
 WAKE_SECONDS = 0.25  # longest a close() waits for the listening thread
 
 
@@ -32,9 +32,7 @@ class ParameterListener:
         self.store = store
         self.run_id = run_id
         self.changed = threading.Event()
-        self.poll_seconds = poll_seconds or (
-            SAFETY_POLL_SECONDS if store.dialect == "postgresql" else SQLITE_POLL_SECONDS
-        )
+        self.poll_seconds = poll_seconds or SAFETY_POLL_SECONDS
         self.connected = threading.Event()
         self._seen_version = seen_version
         self._latest: ParameterState | None = None
@@ -67,7 +65,7 @@ class ParameterListener:
         backoff = 0.5
         while not self._stopping.is_set():
             try:
-                with self.store.parameter_notifications() as wait:
+                with self.store.parameter_notifications(self.run_id) as wait:
                     self.connected.set()
                     backoff = 0.5
                     self._check()  # anything written before LISTEN took effect
@@ -78,16 +76,11 @@ class ParameterListener:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _loop(self, wait: Callable[[float], set[int]] | None) -> None:
+    def _loop(self, wait: Callable[[float], bool]) -> None:
         next_poll = time.monotonic() + self.poll_seconds
         while not self._stopping.is_set():
-            if wait is None:
-                self._stopping.wait(self.poll_seconds)
-                self._check()
-                continue
-            # Short waits keep close() prompt; a notification for this run, or the
+            # Short waits keep close() prompt; a change signal for this run, or the
             # safety-poll deadline, triggers a read.
-            notified = wait(min(WAKE_SECONDS, self.poll_seconds))
-            if self.run_id in notified or time.monotonic() >= next_poll:
+            if wait(min(WAKE_SECONDS, self.poll_seconds)) or time.monotonic() >= next_poll:
                 self._check()
                 next_poll = time.monotonic() + self.poll_seconds
