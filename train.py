@@ -31,6 +31,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 import sweep
+from allocator import keep_freed_memory
 from checkpointing import Checkpoint, CheckpointRing
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     stop = StopSignal()  # first thing: a Ctrl-C during setup still ends the run cleanly
+    keep_freed_memory()  # before the first tensor: no page-fault storm at every step
     ranks = Ranks()
     if ranks.distributed and (args.sweep or args.resume is not None):
         print("error: --sweep and --resume start processes of their own; run them without "

@@ -21,6 +21,13 @@ this machine (other processes, the hypervisor), and that noise only ever adds
 time. The fastest of several interleaved runs is each variant's cost with the
 least of it (as `timeit` reports); the per-round ratios show how wide the noise is.
 
+Page faults: a plain PyTorch process sometimes settles into giving its freed
+activation buffers back to the kernel and faulting them in again at every step
+(glibc's adaptive mmap and trim thresholds): ten times the page faults and up to
+20 % more time. train.py fixes the thresholds (allocator.py); bare and TensorBoard
+run as a user would write them, untuned, and their fastest run is one without the
+storm. The last column (each variant's most faults in one run) shows it.
+
 Every variant runs torch on one intra-op thread (--threads 1). With two threads on
 this 2-core machine the same loop's time differs by up to 7 % from one process to
 the next (measured: 9.2 to 10.6 s for identical runs), more than the 3 % budget;
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics as stats
 import subprocess
 import sys
@@ -155,12 +163,14 @@ def drop(server: str, name: str | None) -> None:
 
 
 def measure(backend: str, variant: str, steps: int, log_every: int, server: str,
-            threads: int) -> float:
-    """One run of one variant in a fresh process and a fresh database; its seconds."""
+            threads: int) -> tuple[float, int]:
+    """One run of one variant in a fresh process and a fresh database: its seconds and
+    the child's minor page faults (the whole process, setup included)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
         url, name = database(backend, Path(tmp), server)
+        faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
         try:
             out = subprocess.run(
                 [sys.executable, "-m", "bench.overhead", "--variant", variant,
@@ -168,24 +178,28 @@ def measure(backend: str, variant: str, steps: int, log_every: int, server: str,
                  "--logdir", tmp],
                 cwd=tmp, env=env, capture_output=True, text=True, check=True,
             ).stdout.strip().splitlines()[-1]
+            faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
         finally:
             drop(server, name)
-    return json.loads(out)["seconds"]
+    return json.loads(out)["seconds"], faults
 
 
 def interleaved(backend: str, steps: int, log_every: int, rounds: int, server: str,
-                threads: int) -> dict[str, tuple[float, float, float, float, float]]:
-    """variant -> (fastest ms/step, its ratio to bare's fastest, then the median and the
-    range of the ratios to bare within a round)."""
+                threads: int) -> dict[str, tuple[float, ...]]:
+    """variant -> (fastest ms/step, its ratio to bare's fastest, the median and the
+    range of the ratios to bare within a round, the most page faults of a run)."""
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    faults: dict[str, list[int]] = {v: [] for v in VARIANTS}
     for _ in range(rounds):
         for variant in VARIANTS:
-            times[variant].append(measure(backend, variant, steps, log_every, server, threads))
+            seconds, count = measure(backend, variant, steps, log_every, server, threads)
+            times[variant].append(seconds)
+            faults[variant].append(count)
     out = {}
     for variant, seconds in times.items():
         ratios = [s / b for s, b in zip(seconds, times["bare"], strict=True)]
         out[variant] = (1000 * min(seconds) / steps, min(seconds) / min(times["bare"]),
-                        stats.median(ratios), min(ratios), max(ratios))
+                        stats.median(ratios), min(ratios), max(ratios), max(faults[variant]))
     return out
 
 
@@ -234,10 +248,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f", and {args.every_step_steps} steps logged every step "
              f"({args.every_step_rounds} rounds)" if args.every_step_steps else ""))
     print(f"{'back end':<11} {'variant':<24} {'ms/step':>8} {'x bare':>7} "
-          f"{'per round: median':>18} {'min-max':>12}")
-    for backend, variant, ms, ratio, median, low, high in table:
+          f"{'per round: median':>18} {'min-max':>12} {'page faults, max':>17}")
+    for backend, variant, ms, ratio, median, low, high, faults in table:
         print(f"{backend:<11} {variant:<24} {ms:>8.2f} {ratio:>7.3f} {median:>18.3f} "
-              f"{low:>6.3f}-{high:.3f}")
+              f"{low:>6.3f}-{high:.3f} {faults / 1e6:>16.2f}M")
     print(f"reproduce: python -m bench.overhead --rounds {args.rounds} --steps {args.steps} "
           f"--every-step-steps {args.every_step_steps} --threads {args.threads} "
           f"--backends {args.backends}")
