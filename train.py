@@ -33,6 +33,7 @@ from tqdm import tqdm
 import sweep
 from allocator import keep_freed_memory
 from checkpointing import Checkpoint, CheckpointRing
+from dashboard.status import LIVE_STATUSES, LOST_AFTER_SECONDS, effective_status, heartbeat_age
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
 from db.store import ParameterState, Store, describe_url, now, resolve_url
@@ -201,10 +202,19 @@ RESUMABLE_OVERRIDES = ("db", "resume", "no_progress", "epochs", "max_steps", "de
 
 
 def resume_options(args: argparse.Namespace, store: Store) -> argparse.Namespace:
-    """The resumed run's options, with the overrides given on this command line."""
+    """The resumed run's options, with the overrides given on this command line;
+    LookupError when there is nothing to resume."""
     run = store.get_run(args.resume)
     if run is None:
-        raise SystemExit(f"error: there is no run {args.resume} in {describe_url(store.url)}")
+        raise LookupError(f"there is no run {args.resume} in {describe_url(store.url)}")
+    if store.latest_checkpoint(args.resume) is None:
+        raise LookupError(f"run {args.resume} has no checkpoint to resume from")
+    if (status := effective_status(run, now())) in LIVE_STATUSES:  # two trainers, one run
+        age = heartbeat_age(run, now())
+        raise LookupError(
+            f"run {args.resume} is {status}: its trainer (pid {run['config'].get('pid')} on "
+            f"{run['config'].get('host')}) sent a heartbeat {age:.0f} s ago. Stop it first; "
+            f"if it is dead, it counts as lost {max(LOST_AFTER_SECONDS - age, 0):.0f} s from now")
     defaults = vars(parse_args([]))
     given = {k: v for k, v in vars(args).items() if k in RESUMABLE_OVERRIDES
              and v != defaults.get(k)}
@@ -218,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopSignal()  # first thing: a Ctrl-C during setup still ends the run cleanly
     keep_freed_memory()  # before the first tensor: no page-fault storm at every step
     ranks = Ranks()
-    if ranks.distributed and (args.sweep or args.resume is not None):
-        print("error: --sweep and --resume start processes of their own; run them without "
-              "torchrun", file=sys.stderr)
+    if ranks.distributed and args.sweep:
+        print("error: --sweep starts processes of its own; run it without torchrun",
+              file=sys.stderr)
         return 2
     if args.sweep:
         base = sweep.without_sweep(argv)
@@ -228,13 +238,26 @@ def main(argv: list[str] | None = None) -> int:
         for combo in combos:
             parse_args([*base, *combo])  # a bad value exits 2 here, before any run exists
         return sweep.run(base, combos, args.parallel, args.run_name, stop.requested)
-    store = None
-    if args.resume is not None:
-        store = Store(resolve_url(args.db))
-        args = resume_options(args, store)
-    torch.manual_seed(args.seed)
     device = ranks.device(args.device)
-    ranks.start(device)
+    ranks.start(device)  # under torchrun, before the first collective
+    store = None
+    if args.resume is not None:  # rank 0 reads the run's options; every rank builds from them
+        options: argparse.Namespace | str | None = None
+        if ranks.is_main:
+            store = Store(resolve_url(args.db))
+            try:
+                options = resume_options(args, store)
+            except LookupError as exc:
+                options = str(exc)
+        options = ranks.from_main(options)
+        if isinstance(options, str):
+            print(f"error: {options}", file=sys.stderr)
+            return 1
+        if ranks.distributed:
+            options.device = args.device  # the process group already runs on this one
+        args = options
+        device = ranks.device(args.device)
+    torch.manual_seed(args.seed)
     params = Hyperparameters(
         args.optimizer, args.lr, args.weight_decay, args.dropout, args.grad_clip
     )
@@ -291,11 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             run_id = store.create_run(run_name, args.model, info.name, config, params)
         else:
             run_id, run_name = args.resume, store.get_run(args.resume)["name"]
-            latest = store.latest_checkpoint(run_id)
-            if latest is None:
-                print(f"error: run {run_id} has no checkpoint to resume from", file=sys.stderr)
-                return 1
-            resumed = CheckpointRing.from_row(latest)
+            resumed = CheckpointRing.from_row(store.latest_checkpoint(run_id))
             # The parameters row is honoured as it stands, except a stop or pause left
             # from before: resuming is asking the run to go on.
             state = store.get_parameters(run_id)
@@ -303,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                 store.submit_parameters(run_id, stop_train=False, pause_train=False)
             store.reopen_run(run_id)
             seen_version, handled_rollback = 0, state.rollback_request  # adopt the row now
-    run_id, run_name = ranks.from_main((run_id, run_name))
+    # What rank 0 found, on every rank: they take the same branch and the same versions.
+    run_id, run_name, seen_version, handled_rollback, resumed = ranks.from_main(
+        (run_id, run_name, seen_version, handled_rollback, resumed))
     run_dir = Path(args.checkpoint_dir) / f"run_{run_id}"
     if ranks.is_main:
         writer = BackgroundWriter(store, run_id, spill_dir=run_dir / "unwritten",
@@ -545,12 +566,15 @@ def main(argv: list[str] | None = None) -> int:
             log(full_validation=False)  # step 0: the untrained model, the initial loss
             checkpoint("initial")
         else:
-            ring.seed(store.checkpoints(run_id))
-            interrupted_at = store.last_logged_step(run_id)
+            interrupted_at = store.last_logged_step(run_id) if ranks.is_main else None
+            if ranks.is_main:
+                ring.seed(store.checkpoints(run_id))
             restore(resumed)
             writer.event("info", "run_resumed", f"run {run_id} resumed from its checkpoint of "
                          f"step {step} (it had logged up to step {interrupted_at}); steps after "
                          "the checkpoint are kept as an abandoned branch", step=step)
+            if ranks.distributed:
+                say(f"rank {ranks.rank}: resumed run {run_id} at step {step}")
         model.train()
         while epoch <= args.epochs and not (stopping or done):
             bar.set_description(f"epoch {epoch}/{args.epochs}")

@@ -7,6 +7,7 @@ with plain SQL, as any client may: an lr change, a pause, a resume, a stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 from test_train_e2e import ROOT, SqlClient, wait_for
 
@@ -44,10 +46,21 @@ def torchrun(tmp_path: Path, url: str, *extra: str) -> Iterator[subprocess.Popen
             yield proc
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_job(proc)
             if proc.returncode != 0:
                 print(log_path.read_text()[-4000:])
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its ranks: torchrun starts each rank in a session of its
+    own, so killing the launcher's process group alone leaves them training."""
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.kill()
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=10)
 
 
 def applied(log: str, version: int) -> dict[int, int]:
@@ -141,3 +154,70 @@ def test_two_ranks_apply_a_change_at_the_same_step_and_stop_together(
             "SELECT status, config->>'world_size' FROM runs WHERE run_id = ?", (run_id,))
         assert (status, world_size) == ("stopped", "2")
         sql.close()
+
+
+RESUMED = re.compile(r"^rank (\d): resumed run (\d+) at step (\d+)$", re.M)
+
+
+def test_a_resume_refused_on_rank_0_ends_every_rank(tmp_path: Path, postgres_url: str) -> None:
+    with torchrun(tmp_path, postgres_url, "--resume", "42") as proc:
+        assert proc.wait(timeout=90) != 0  # no rank waits for rank 0's options forever
+    log = (tmp_path / "torchrun.log").read_text()
+    assert "error: there is no run 42" in log
+
+
+def test_a_killed_torchrun_job_resumes_the_same_run_on_every_rank(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    log_path = tmp_path / "torchrun.log"
+    with torchrun(tmp_path, postgres_url, "--checkpoint-every", "10") as proc:
+        sql = wait_for("the database", lambda: SqlClient(postgres_url), timeout=60)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"), timeout=90)[0]
+        v_lr = submit(sql, run_id, "learning_rate = 0.002")
+        acknowledged(sql, run_id, v_lr)
+
+        def newest_checkpoint() -> int:
+            row = sql.one("SELECT max(step) FROM checkpoints WHERE run_id = ?", (run_id,))
+            return row[0] or 0
+
+        wait_for("a checkpoint past step 20", lambda: newest_checkpoint() >= 20, timeout=60)
+        wait_for("logs after it", lambda: last_step(sql, run_id) > newest_checkpoint() + 5)
+        kill_job(proc)  # the launcher and both ranks, no goodbye
+    killed_at, checkpoint_step = last_step(sql, run_id), newest_checkpoint()
+    v_dropout = submit(sql, run_id, "dropout = 30")  # while nothing runs
+    # A resume is refused while the run's heartbeat is fresh (two jobs, one run).
+    wait_for("the run to count as lost", lambda: sql.one(
+        "SELECT 1 FROM runs WHERE run_id = ? AND dt_heartbeat < now() - interval '6 seconds'",
+        (run_id,)), timeout=15)
+
+    with torchrun(tmp_path, postgres_url, "--resume", str(run_id)) as proc:
+        resumed = wait_for("both ranks resumed", lambda: len(
+            found := {int(r): (int(run), int(s))
+                      for r, run, s in RESUMED.findall(log_path.read_text())}) == 2 and found,
+            timeout=90)
+        assert resumed == {0: (run_id, checkpoint_step), 1: (run_id, checkpoint_step)}
+        # The change made while the job was down is taken by both ranks at the first step.
+        assert acknowledged(sql, run_id, v_dropout) == checkpoint_step
+        wait_for("both ranks' reports", lambda: len(applied(log_path.read_text(), v_dropout)) == 2)
+        assert applied(log_path.read_text(), v_dropout) == {0: checkpoint_step,
+                                                             1: checkpoint_step}
+        wait_for("logs past the old end", lambda: last_step(sql, run_id) > killed_at + 5)
+        v_stop = submit(sql, run_id, "stop_train = true")
+        step_stop = acknowledged(sql, run_id, v_stop)
+        assert proc.wait(timeout=90) == 0
+
+    ended = {int(r): (status, int(s), w)
+             for r, status, s, w in ENDED.findall(log_path.read_text())}
+    assert set(ended) == {0, 1} and ended[0] == ended[1]
+    assert ended[0][:2] == ("stopped", step_stop)
+    assert sql.one("SELECT count(*) FROM runs")[0] == 1  # the same run
+    assert sql.one("SELECT status FROM runs WHERE run_id = ?", (run_id,))[0] == "stopped"
+    rows = sql.rows("SELECT step, learning_rate, dropout FROM statistics WHERE run_id = ? "
+                    "ORDER BY step", (run_id,))
+    steps = [s for s, _, _ in rows]
+    assert steps == sorted(set(steps))  # one row per step: the lost ones became a branch
+    assert {(lr, d) for s, lr, d in rows if s > checkpoint_step} == {(0.002, 30)}
+    cut = sql.one("SELECT min(step), max(step) FROM abandoned_statistics WHERE run_id = ?",
+                  (run_id,))
+    assert cut[0] > checkpoint_step and cut[1] == killed_at
+    sql.close()

@@ -398,3 +398,23 @@ def test_resume_of_an_unknown_run_fails_clearly(tmp_path: Path, sqlite_url: str)
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode != 0 and "no run 42" in result.stderr
+
+
+def test_resume_of_a_run_whose_trainer_lives_is_refused(tmp_path: Path, sqlite_url: str) -> None:
+    """Two trainers on one run would write the same steps twice: the second is refused
+    while the first sends heartbeats (it may resume once the run shows as lost)."""
+    with trainer(tmp_path, sqlite_url) as proc:
+        sql = wait_for("the database", lambda: SqlClient(sqlite_url), timeout=30)
+        run_id = wait_for("a checkpoint", lambda: sql.one(
+            "SELECT run_id FROM checkpoints"), timeout=60)[0]
+        second = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--db", sqlite_url, "--resume",
+             str(run_id), "--checkpoint-dir", str(tmp_path / "checkpoints")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        )
+        assert second.returncode == 1
+        assert f"run {run_id} is running" in second.stderr
+        assert f"pid {proc.pid}" in second.stderr
+        assert proc.poll() is None  # the first trainer goes on
+        assert sql.one("SELECT count(*) FROM runs")[0] == 1
+        sql.close()
