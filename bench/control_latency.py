@@ -16,6 +16,7 @@ change must also travel from rank 0 to every rank before it applies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sqlite3
@@ -29,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 
 from bench import budget
@@ -83,7 +85,7 @@ def measure(
          "--no-progress", "--checkpoint-dir", str(workdir / "checkpoints")],
         cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"} if nproc > 1 else None,
-        start_new_session=True,  # a killed launcher must not leave its ranks running
+        start_new_session=True,
     )
     try:
         client = Client(kind, client_target)
@@ -113,8 +115,12 @@ def measure(
         client.rows("UPDATE parameters SET stop_train = TRUE WHERE run_id = ?", (run_id,))
         proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # torchrun starts each rank in a session of its own
+            ranks = psutil.Process(proc.pid).children(recursive=True)
             os.killpg(proc.pid, signal.SIGKILL)
+            for rank in ranks:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rank.kill()
     step_ms = median_step_ms(kind, stats)
     label = f"{kind}, torchrun x{nproc}" if nproc > 1 else kind
     return {"backend": label, "kind": kind, "changes": changes, "step_ms": step_ms,
