@@ -134,8 +134,7 @@ def histograms(tensors: list[torch.Tensor], bins: int) -> list[tuple[list[float]
         lo, hi = _finite_range(x, lo, hi)
         width = (hi - lo) / bins
         edges.append([lo + i * width for i in range(bins + 1)])
-        sample = x[:: max(1, x.numel() // HISTOGRAM_SAMPLE)]
-        counts.append(torch.histc(sample, bins=bins, min=lo, max=hi))
+        counts.append(torch.histc(even_sample(x), bins=bins, min=lo, max=hi))
     return [
         (e, [int(c) for c in row])
         for e, row in zip(edges, torch.stack(counts).tolist(), strict=True)
@@ -153,10 +152,13 @@ def activation_summary(x: torch.Tensor) -> torch.Tensor:
     """
     dims = [d for d in range(x.ndim) if d != 1]
     dead = (x.amax(dim=dims) == 0) & (x.amin(dim=dims) == 0)
-    flat = x.flatten()
-    sample = flat[:: max(1, flat.numel() // HISTOGRAM_SAMPLE)]
-    return torch.stack([x.mean(), x.std(unbiased=False), (sample == 0).float().mean(),
-                        dead.float().mean()])
+    zeros = (even_sample(x.flatten()) == 0).float().mean()
+    return torch.stack([x.mean(), x.std(unbiased=False), zeros, dead.float().mean()])
+
+
+def even_sample(flat: torch.Tensor) -> torch.Tensor:
+    """About HISTOGRAM_SAMPLE values of a flat tensor at an even stride (all, if fewer)."""
+    return flat[:: max(1, flat.numel() // HISTOGRAM_SAMPLE)]
 
 
 class LayerProbe:

@@ -209,12 +209,13 @@ def resume_options(args: argparse.Namespace, store: Store) -> argparse.Namespace
         raise LookupError(f"there is no run {args.resume} in {describe_url(store.url)}")
     if store.latest_checkpoint(args.resume) is None:
         raise LookupError(f"run {args.resume} has no checkpoint to resume from")
-    if (status := effective_status(run, now())) in LIVE_STATUSES:  # two trainers, one run
-        age = heartbeat_age(run, now())
+    moment = now()
+    if (status := effective_status(run, moment)) in LIVE_STATUSES:  # two trainers, one run
+        age = heartbeat_age(run, moment)
         raise LookupError(
             f"run {args.resume} is {status}: its trainer (pid {run['config'].get('pid')} on "
             f"{run['config'].get('host')}) sent a heartbeat {age:.0f} s ago. Stop it first; "
-            f"if it is dead, it counts as lost {max(LOST_AFTER_SECONDS - age, 0):.0f} s from now")
+            f"if it is dead, it counts as lost {LOST_AFTER_SECONDS - age:.0f} s from now")
     defaults = vars(parse_args([]))
     given = {k: v for k, v in vars(args).items() if k in RESUMABLE_OVERRIDES
              and v != defaults.get(k)}
