@@ -196,6 +196,21 @@ def describe_change(old: Hyperparameters, new: Hyperparameters) -> str:
     return ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "no value changed"
 
 
+def rejection(version: int, errors: dict[str, str], in_force: Hyperparameters,
+              stopping: bool, paused: bool) -> str:
+    """The `parameters_rejected` message: each bad column with its value, and what runs."""
+    then = "stopping as requested" if stopping else "paused" if paused else "training continues"
+    return f"version {version}: rejected {'; '.join(errors.values())}; {then} with " \
+        f"{describe(in_force)}"
+
+
+def adopted(new: Hyperparameters | None, old: Hyperparameters, restored: int | None,
+            flags_before: tuple[bool, bool], flags_after: tuple[bool, bool]) -> bool:
+    """Whether a partly rejected version changed anything in force, and so is acknowledged."""
+    return (new is not None and new != old) or restored is not None \
+        or flags_after != flags_before or any(flags_after)
+
+
 # Options a resumed run may change; everything else comes from the run's own config.
 RESUMABLE_OVERRIDES = ("db", "resume", "no_progress", "epochs", "max_steps", "device",
                        "workers", "checkpoint_dir")
@@ -322,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             if state.stop_train or state.pause_train:
                 store.submit_parameters(run_id, stop_train=False, pause_train=False)
             store.reopen_run(run_id)
-            seen_version, handled_rollback = 0, state.rollback_request  # adopt the row now
+            seen_version, handled_rollback = 0, (  # adopt the row now; a bad count counts as 0
+                0 if "rollback_request" in state.rejected() else state.rollback_request)
     # What rank 0 found, on every rank: they take the same branch and the same versions.
     run_id, run_name, seen_version, handled_rollback, resumed = ranks.from_main(
         (run_id, run_name, seen_version, handled_rollback, resumed))
@@ -472,37 +488,43 @@ def main(argv: list[str] | None = None) -> int:
     def adopt(state: ParameterState) -> None:
         """Apply a new parameters version at this step boundary.
 
-        Values the model cannot take are ignored with a warning and the old ones
-        stay in force; stop, pause and rollback requests are still honoured.
+        A value that is invalid (forced past the constraints, or written into an
+        SQLite table older than its type checks) or that the model cannot take is
+        rejected with a warning, and what was in force stays: all hyperparameters if
+        one is bad, the one control (stop, pause, rollback) whose column is bad. The
+        rest of the version is still honoured: a valid stop always stops.
         """
         nonlocal optimizer, params, stopping, paused, handled_rollback
         new, errors = state.hyperparameters()
-        wants_rollback = (
-            state.rollback_request > handled_rollback and state.rollback_step is not None
-        )
+        bad = state.rejected()
+        fresh_request = state.new_rollback_request(handled_rollback) \
+            and state.rollback_step is not None  # a bad step is answered by the rejection
+        wants_rollback = fresh_request and "rollback_step" not in bad
         if new is not None and new != params and not wants_rollback and not paused:
             checkpoint("before_change")  # so a bad change can be undone
         restored = None
-        if wants_rollback:
+        if fresh_request:
             handled_rollback = state.rollback_request
+        if wants_rollback:
             restored = roll_back(state.rollback_step)
         if new is not None:
             try:
                 optimizer = apply_parameters(model, optimizer, params, new)
             except (ValueError, RuntimeError) as exc:
                 new, errors = None, {"model": f"the model cannot take it ({exc})"}
-        stopping, paused = state.stop_train, state.pause_train
-        if new is None:
-            then = "stopping as requested" if stopping else "training continues"
-            writer.event("warning", "parameters_rejected",
-                         f"version {state.version} ignored: {'; '.join(errors.values())}; "
-                         f"{then} with {describe(params)}", step=step, version=state.version)
-            if not (stopping or paused or restored is not None):
+        before = (stopping, paused)
+        stopping = state.stop_train if "stop_train" not in bad else stopping
+        paused = state.pause_train if "pause_train" not in bad else paused
+        if errors or bad:
+            writer.event("warning", "parameters_rejected", rejection(
+                state.version, errors | bad, new or params, stopping, paused),
+                step=step, version=state.version)
+            if not adopted(new, params, restored, before, (stopping, paused)):
                 return  # nothing of this version was adopted
         writer.acknowledge({
             "version": state.version, **vars(new or params), "stop_train": stopping,
-            "pause_train": paused, "rollback_step": restored, "dt_updated": state.dt_updated,
-            "applied_step": step, "dt_applied": now(),
+            "pause_train": paused, "rollback_step": restored,
+            "dt_updated": state.dt_updated or now(), "applied_step": step, "dt_applied": now(),
         })
         if new is not None:
             flags = ", paused" * paused + ", stopping" * stopping
@@ -523,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         rollback (and anything after it) waits for the log to finish.
         """
         nonlocal deferred, stop_asked
+        for code, message in listener.notices() if listener is not None else ():
+            writer.event("warning", code, message, step=step)  # a version it cannot take
         if not during_log and deferred is not None:
             state, deferred = deferred, None
             adopt(state)
@@ -537,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             state = ranks.from_main(listener.take() if listener is not None else None)
             if state is None:
                 return
-        if during_log and (deferred is not None or state.rollback_request > handled_rollback):
+        if during_log and (deferred is not None or state.new_rollback_request(handled_rollback)):
             deferred = state
             return
         adopt(state)

@@ -154,10 +154,49 @@ def _checks(table: str) -> list[CheckConstraint]:
     return [CheckConstraint(c.sqltext, name=f"{table}_{c.name}") for c in _PARAMETER_CHECKS]
 
 
-parameters = Table(
-    "parameters",
-    metadata,
-    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+class SQLiteTypeCheck(CheckConstraint):
+    """A CHECK only SQLite gets: PostgreSQL's column types already refuse what it refuses.
+
+    SQLite stores any value in any column (an INTEGER column keeps 'x' as text), so
+    without these a plain `UPDATE parameters SET rollback_request = 'x'` is accepted.
+    """
+
+    inherit_cache = True
+
+
+@compiles(SQLiteTypeCheck)
+def _type_check_elsewhere(element: SQLiteTypeCheck, compiler: Any, **kw: Any) -> None:
+    return None  # dropped from CREATE TABLE: the column's type is the check
+
+
+@compiles(SQLiteTypeCheck, "sqlite")
+def _type_check_sqlite(element: SQLiteTypeCheck, compiler: Any, **kw: Any) -> str:
+    return compiler.visit_check_constraint(element, **kw)
+
+
+# What typeof() may answer per column type; a nullable column may also hold NULL.
+_SQLITE_TYPES = {Integer: "'integer'", Double: "'integer', 'real'", Text: "'text'",
+                 UTCDateTime: "'text'", Boolean: "'integer'"}
+# UTCDateTime's text on SQLite: "YYYY-MM-DD HH:MM:SS" and a fraction.
+_SQLITE_TIMESTAMP = "'[0-9][0-9][0-9][0-9]-[0-1][0-9]-[0-3][0-9] [0-2][0-9]:[0-5][0-9]:[0-6][0-9]*'"
+
+
+def _sqlite_type_checks(table: str, columns: list[Column]) -> list[SQLiteTypeCheck]:
+    """typeof() checks for `columns` (booleans also 0 or 1, timestamps their text form)."""
+    checks = []
+    for column in columns:
+        name, kind = column.name, type(column.type)
+        allowed = _SQLITE_TYPES[kind] + ", 'null'" * bool(column.nullable)
+        rule = f"typeof({name}) IN ({allowed})"
+        if kind is Boolean:
+            rule += f" AND {name} IN (0, 1)"
+        elif kind is UTCDateTime:
+            rule += f" AND {name} GLOB {_SQLITE_TIMESTAMP}"
+        checks.append(SQLiteTypeCheck(rule, name=f"{table}_{name}_type"))
+    return checks
+
+
+_parameter_columns = [
     Column("optimizer", Text, nullable=False),
     Column("learning_rate", Double, nullable=False),
     Column("weight_decay", Double, nullable=False),
@@ -174,7 +213,16 @@ parameters = Table(
     Column("applied_version", Integer, nullable=False, server_default=text("0")),
     Column("applied_step", Integer, nullable=False, server_default=text("0")),
     _timestamp("dt_applied"),
+]
+parameters = Table(
+    "parameters",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    *_parameter_columns,
     *_checks("parameters"),
+    CheckConstraint("rollback_step >= 0", name="parameters_rollback_step_range"),
+    CheckConstraint("rollback_request >= 0", name="parameters_rollback_request_range"),
+    *_sqlite_type_checks("parameters", _parameter_columns),
 )
 
 parameter_changes = Table(

@@ -40,6 +40,8 @@ CREATE TABLE parameters (
 	CONSTRAINT parameters_dropout_range CHECK (dropout >= 0 AND dropout <= 90),
 	CONSTRAINT parameters_grad_clip_range CHECK (grad_clip >= 0 AND grad_clip <= 1000.0),
 	CONSTRAINT parameters_optimizer_supported CHECK (optimizer IN ('Adam', 'AdamW', 'SGD', 'SGD+Nesterov', 'RMSprop')),
+	CONSTRAINT parameters_rollback_step_range CHECK (rollback_step >= 0),
+	CONSTRAINT parameters_rollback_request_range CHECK (rollback_request >= 0),
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
 );
 

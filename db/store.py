@@ -22,9 +22,11 @@ from sqlalchemy import (
     literal,
     make_url,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.engine import URL
+from sqlalchemy.types import NullType
 
 from db import schema as s
 from hyperparams import Hyperparameters, validate
@@ -154,12 +156,54 @@ def event_row(
             "version": version, **details}
 
 
+SHOWN_MAX = 60  # characters of a bad value quoted in an event
+
+
+def shown(value: Any) -> str:
+    """A value as an event quotes it: its repr, cut short (a client may write 100 KB)."""
+    text_ = repr(value)
+    return text_ if len(text_) <= SHOWN_MAX else text_[: SHOWN_MAX - 1] + "…"
+
+
+def is_integer(value: Any) -> bool:
+    """An int as the database stores one: not a bool, not a float, within 64 bits."""
+    return type(value) is int and -(2**63) <= value < 2**63
+
+
+def _flag(value: Any) -> Any:
+    """A boolean column's value as a bool when it is one (SQLite stores 0/1); anything
+    else unchanged, for `ParameterState.rejected()` to name."""
+    if type(value) is bool or (type(value) is int and value in (0, 1)):
+        return bool(value)
+    return value
+
+
+def _moment(value: Any) -> datetime | None:
+    """A timestamp column's value as an aware datetime; None if it is not one (a
+    client wrote text that is no time), so that reading the row never fails."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# Columns read without SQLAlchemy's conversions, which would turn SQLite's 'x' or 2
+# into True and fail on a timestamp that is no time; _flag and _moment convert them.
+_RAW_FLAGS = ("stop_train", "pause_train")
+_RAW_MOMENTS = ("dt_updated", "dt_applied")
+
+
 @dataclass(frozen=True)
 class ParameterState:
     """One `parameters` row: the desired state of a run and what the trainer applied.
 
     Values are as read from the database and may be invalid if someone forced
-    them past the constraints; `hyperparameters()` says so.
+    them past the constraints (or wrote them into an SQLite table made before its
+    type checks); `hyperparameters()` and `rejected()` say which.
     """
 
     run_id: int
@@ -173,15 +217,47 @@ class ParameterState:
     rollback_step: int | None
     rollback_request: int
     version: int
-    dt_updated: datetime
+    dt_updated: datetime | None
     applied_version: int
     applied_step: int
-    dt_applied: datetime
+    dt_applied: datetime | None
 
     def hyperparameters(self) -> tuple[Hyperparameters | None, dict[str, str]]:
-        return validate(
+        """The hyperparameters, or None and a message per bad column naming its value."""
+        parsed, errors = validate(
             self.optimizer, self.learning_rate, self.weight_decay, self.dropout, self.grad_clip
         )
+        return parsed, {name: f"{name}={shown(getattr(self, name))}: {message}"
+                        for name, message in errors.items()}
+
+    def rejected(self) -> dict[str, str]:
+        """A message per bad run-control column (stop, pause, rollback), naming its value."""
+        rules = {
+            "stop_train": (type(self.stop_train) is bool, "not true or false (or 1 or 0)"),
+            "pause_train": (type(self.pause_train) is bool, "not true or false (or 1 or 0)"),
+            "rollback_step": (
+                self.rollback_step is None or (is_integer(self.rollback_step)
+                                               and self.rollback_step >= 0),
+                "not NULL or a whole number of steps >= 0"),
+            "rollback_request": (
+                is_integer(self.rollback_request) and self.rollback_request >= 0,
+                "not a whole number >= 0"),
+        }
+        return {name: f"{name}={shown(getattr(self, name))}: {message}"
+                for name, (good, message) in rules.items() if not good}
+
+    def new_rollback_request(self, handled: int) -> bool:
+        """rollback_request is a valid count above `handled`, the last one handled."""
+        return is_integer(self.rollback_request) and self.rollback_request > handled
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ParameterState:
+        values = dict(row)
+        for name in _RAW_FLAGS:
+            values[name] = _flag(values[name])
+        for name in _RAW_MOMENTS:
+            values[name] = _moment(values[name])
+        return cls(**values)
 
 
 @dataclass
@@ -386,11 +462,14 @@ class Store:
     # -- parameters: the control channel -----------------------------------
 
     def get_parameters(self, run_id: int) -> ParameterState | None:
+        """The run's parameters row; whatever a client wrote into it reads without an
+        error (see ParameterState), as the trainer must go on whatever the row holds."""
+        p = s.parameters
+        columns = [type_coerce(c, NullType()).label(c.name)
+                   if c.name in _RAW_FLAGS + _RAW_MOMENTS else c for c in p.columns]
         with self.engine.connect() as conn:
-            row = conn.execute(
-                select(s.parameters).where(s.parameters.c.run_id == run_id)
-            ).first()
-        return ParameterState(**row._mapping) if row else None
+            row = conn.execute(select(*columns).where(p.c.run_id == run_id)).first()
+        return ParameterState.from_row(row._mapping) if row else None
 
     def submit_parameters(
         self,
