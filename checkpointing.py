@@ -222,7 +222,11 @@ class CheckpointRing:
         reason: str,
         wait: bool = False,
     ) -> Checkpoint:
-        """Save (or, if this step is already saved, reuse: no update happened since)."""
+        """Save (or, if this step is already saved, reuse: no update happened since).
+
+        `extra` holds plain values only (numbers, text, lists, dicts): the file must
+        load with `weights_only=True`, which refuses any other object.
+        """
         self.flush()  # one write at a time, in order
         with self._lock:
             same = [c for c, _ in self._ring if c.step == step]
@@ -323,7 +327,3 @@ class CheckpointRing:
             old.path.unlink(missing_ok=True)
             if self.on_removed:
                 self.on_removed(old)
-
-    def read(self, checkpoint: Checkpoint, run_id: int) -> dict[str, Any]:
-        """The state of one of this ring's checkpoints (see read_checkpoint)."""
-        return read_checkpoint(self.directory, checkpoint, run_id)

@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         fail: read_restorable checked it); later rows become a branch."""
         nonlocal optimizer, params, step, epoch, last_logged
         model.load_state_dict(loaded.model_state)  # copies into the optimizer's parameters
+        loaded.model_state.clear()  # the model holds the weights now: no second copy kept
         optimizer = loaded.optimizer
         set_dropout(model, loaded.parameters.dropout / 100)
         writer.rollback(found.step)

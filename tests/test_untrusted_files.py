@@ -144,7 +144,7 @@ def test_every_optimizer_round_trips_under_weights_only(tmp_path: Path, name: st
     assert state["optimizer_class"] == type(optimizer).__name__
 
     fresh = small_model()
-    loaded = restorable(ring.read(found, 7), fresh, found)
+    loaded = restorable(read_checkpoint(ring.directory, found, 7), fresh, found)
     assert loaded.parameters == Hyperparameters(name, 1e-3, 1e-4, 30, 2.0)
     fresh.load_state_dict(loaded.model_state)
     for a, b in zip(model.parameters(), fresh.parameters(), strict=True):
