@@ -280,9 +280,9 @@ def refuse_resume(ranks: Ranks, store: Store | None, run_id: int, why: str) -> i
     if ranks.is_main:
         with contextlib.suppress(SQLAlchemyError):  # if the database is gone too, the
             store.add_event(run_id, "error", "resume_refused",  # line below still says why
-                            f"resume refused: {why}; the run is left as it was")
+                            f"cannot resume: {why}; the run is left as it was")
         store.close()
-    print(f"error: resume refused: {why}", file=sys.stderr)
+    print(f"error: cannot resume run {run_id}: {why}", file=sys.stderr)
     return 1
 
 

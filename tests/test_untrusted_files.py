@@ -86,7 +86,8 @@ def assert_refused_resume(result: subprocess.CompletedProcess, sql: SqlClient, r
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "resume refused" in errors[0] and why in errors[0], \
+    assert len(errors) == 1 and f"cannot resume run {run_id}" in errors[0], result.stderr
+    assert why in errors[0], \
         result.stderr
     assert run_status(sql, run_id) == "finished"
     assert sql.one("SELECT dt_ended FROM runs WHERE run_id = ?", (run_id,))[0] is not None
@@ -324,6 +325,17 @@ def test_resume_refuses_a_planted_checkpoints_row(tmp_path: Path, db_url: str) -
     result = train(tmp_path, db_url, "--resume", str(run_id))
     assert_refused_resume(result, sql, run_id, marker,
                           "not inside the run's checkpoint directory")
+    sql.close()
+
+
+def test_a_failed_resume_leaves_a_finished_run_finished(tmp_path: Path, sqlite_url: str) -> None:
+    """Not an attack, the everyday case: the checkpoint file is gone. The run stays
+    `finished` (it used to be rewritten as `failed`)."""
+    sql, run_id = finished_run(tmp_path, sqlite_url)
+    for (path,) in sql.rows("SELECT path FROM checkpoints WHERE run_id = ?", (run_id,)):
+        Path(path).unlink()
+    result = train(tmp_path, sqlite_url, "--resume", str(run_id))
+    assert_refused_resume(result, sql, run_id, tmp_path / "pwned", "is missing")
     sql.close()
 
 
