@@ -15,6 +15,7 @@ change at the same step (see distributed.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -26,13 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
 import sweep
 from allocator import keep_freed_memory
-from checkpointing import Checkpoint, CheckpointRing
+from checkpointing import (
+    Checkpoint,
+    CheckpointRefusedError,
+    CheckpointRing,
+    Restorable,
+    read_checkpoint,
+    restorable,
+)
 from dashboard.status import LIVE_STATUSES, LOST_AFTER_SECONDS, effective_status, heartbeat_age
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
@@ -238,6 +247,60 @@ def resume_options(args: argparse.Namespace, store: Store) -> argparse.Namespace
     return argparse.Namespace(**(defaults | saved | given))
 
 
+def read_restorable(
+    ranks: Ranks, directory: Path, found: Checkpoint, run_id: int, model: nn.Module
+) -> Restorable | str:
+    """Rank 0 reads the checkpoint file and every rank checks it against its own model:
+    the checked state, or why it was refused (the same answer on every rank)."""
+    state: dict[str, Any] | str | None = None
+    if ranks.is_main:
+        try:
+            state = read_checkpoint(directory, found, run_id)
+        except CheckpointRefusedError as exc:
+            state = str(exc)
+    state = ranks.from_main(state)
+    if isinstance(state, str):
+        return state
+    try:
+        return restorable(state, model, found)
+    except CheckpointRefusedError as exc:
+        return str(exc)
+
+
+def resume_checkpoint(
+    ranks: Ranks, store: Store | None, args: argparse.Namespace, model: nn.Module
+) -> tuple[Checkpoint, Restorable] | str:
+    """The checked checkpoint a resume starts from, or why there is none. Read and
+    checked before the run is touched, so that a refusal leaves the run as it was."""
+    found: Checkpoint | str | None = None
+    if ranks.is_main:
+        row = store.latest_checkpoint(args.resume)
+        try:
+            if row is None:
+                raise CheckpointRefusedError(f"run {args.resume} has no checkpoint")
+            found = CheckpointRing.from_row(row)
+        except CheckpointRefusedError as exc:
+            found = str(exc)
+    found = ranks.from_main(found)
+    if isinstance(found, str):
+        return found
+    run_dir = Path(args.checkpoint_dir) / f"run_{args.resume}"
+    loaded = read_restorable(ranks, run_dir, found, args.resume, model)
+    return loaded if isinstance(loaded, str) else (found, loaded)
+
+
+def refuse_resume(ranks: Ranks, store: Store | None, run_id: int, why: str) -> int:
+    """A resume whose checkpoint was refused: one line, an event, the run's status
+    untouched; the exit code."""
+    if ranks.is_main:
+        with contextlib.suppress(SQLAlchemyError):  # if the database is gone too, the
+            store.add_event(run_id, "error", "resume_refused",  # line below still says why
+                            f"cannot resume: {why}; the run is left as it was")
+        store.close()
+    print(f"error: cannot resume run {run_id}: {why}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -303,9 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     probe = LayerProbe(model)
     metrics = IntervalMetrics(device)
     progress = Progress()
+    resumed = None
+    if args.resume is not None:  # checked first: a refused file leaves the run as it was
+        resumed = resume_checkpoint(ranks, store, args, model)
+        if isinstance(resumed, str):
+            return refuse_resume(ranks, store, args.resume, resumed)
 
     url = resolve_url(args.db)
-    run_id, run_name, seen_version, handled_rollback, resumed = None, None, 1, 0, None
+    run_id, run_name, seen_version, handled_rollback = None, None, 1, 0
     if ranks.is_main:  # under torchrun, rank 0 alone owns the run in the database
         store = store or Store(url)
         config = vars(args) | {
@@ -330,7 +398,6 @@ def main(argv: list[str] | None = None) -> int:
             run_id = store.create_run(run_name, args.model, info.name, config, params)
         else:
             run_id, run_name = args.resume, store.get_run(args.resume)["name"]
-            resumed = CheckpointRing.from_row(store.latest_checkpoint(run_id))
             # The parameters row is honoured as it stands, except a stop or pause left
             # from before: resuming is asking the run to go on.
             state = store.get_parameters(run_id)
@@ -340,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
             seen_version, handled_rollback = 0, (  # adopt the row now; a bad count counts as 0
                 0 if "rollback_request" in state.rejected() else state.rollback_request)
     # What rank 0 found, on every rank: they take the same branch and the same versions.
-    run_id, run_name, seen_version, handled_rollback, resumed = ranks.from_main(
-        (run_id, run_name, seen_version, handled_rollback, resumed))
+    run_id, run_name, seen_version, handled_rollback = ranks.from_main(
+        (run_id, run_name, seen_version, handled_rollback))
     run_dir = Path(args.checkpoint_dir) / f"run_{run_id}"
     if ranks.is_main:
         writer = BackgroundWriter(store, run_id, spill_dir=run_dir / "unwritten",
@@ -459,28 +526,29 @@ def main(argv: list[str] | None = None) -> int:
             writer.event("warning", "rollback_unavailable",
                          f"no checkpoint at or before step {target} to roll back to", step=step)
             return None
+        loaded = read_restorable(ranks, run_dir, found, run_id, model)
+        if isinstance(loaded, str):  # nothing changed: training goes on as it was
+            writer.event("warning", "rollback_failed", f"no rollback to step {target}: "
+                         f"{loaded}; training goes on from step {step}", step=step)
+            return None
         writer.event("info", "rolled_back", f"rolled back from step {step} to the checkpoint "
                      f"of step {found.step}; steps after it are kept as an abandoned branch",
                      step=found.step)
-        restore(found)
+        restore(found, loaded)
         restarted = True
         return found.step
 
-    def restore(found: Checkpoint) -> None:
-        """Load a checkpoint into the live model and optimizer; later rows become a branch."""
+    def restore(found: Checkpoint, loaded: Restorable) -> None:
+        """Put a checked checkpoint into the live model and optimizer (nothing here can
+        fail: read_restorable checked it); later rows become a branch."""
         nonlocal optimizer, params, step, epoch, last_logged
-        # Rank 0 has the file; every rank loads what it read (load_state_dict moves it).
-        state = ranks.from_main(ring.load(found, torch.device("cpu")) if ranks.is_main else None)
-        model.load_state_dict(state["model"])
-        restored = Hyperparameters(**state["parameters"])
-        optimizer = build_optimizer(
-            restored.optimizer, trainable(model), restored.learning_rate, restored.weight_decay
-        )
-        optimizer.load_state_dict(state["optimizer"])
-        set_dropout(model, restored.dropout / 100)
+        model.load_state_dict(loaded.model_state)  # copies into the optimizer's parameters
+        loaded.model_state.clear()  # the model holds the weights now: no second copy kept
+        optimizer = loaded.optimizer
+        set_dropout(model, loaded.parameters.dropout / 100)
         writer.rollback(found.step)
         ring.forget_after(found.step)
-        params, step, epoch, last_logged = restored, found.step, found.epoch, found.step
+        params, step, epoch, last_logged = loaded.parameters, found.step, found.epoch, found.step
         progress.step = step
         metrics.reset()
         bar.n = step
@@ -593,8 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             interrupted_at = store.last_logged_step(run_id) if ranks.is_main else None
             if ranks.is_main:
-                ring.seed(store.checkpoints(run_id))
-            restore(resumed)
+                for why in ring.seed(store.checkpoints(run_id)):
+                    writer.event("warning", "checkpoint_refused", f"{why}; it cannot be "
+                                 "rolled back to")
+            restore(*resumed)
             writer.event("info", "run_resumed", f"run {run_id} resumed from its checkpoint of "
                          f"step {step} (it had logged up to step {interrupted_at}); steps after "
                          "the checkpoint are kept as an abandoned branch", step=step)

@@ -163,7 +163,7 @@ def test_sql_client_steers_a_running_trainer(tmp_path: Path, db_url: str) -> Non
     (path,) = sql.one(
         "SELECT path FROM checkpoints WHERE run_id = ? AND reason = 'final'", (run_id,)
     )
-    checkpoint = torch.load(tmp_path / path, weights_only=False)
+    checkpoint = torch.load(tmp_path / path, weights_only=True)
     final_step = checkpoint["step"]
     assert final_step > applied_step > 0
     adam_steps = {float(s["step"]) for s in checkpoint["optimizer"]["state"].values()}

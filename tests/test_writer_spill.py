@@ -40,7 +40,7 @@ def test_rows_beyond_the_bound_go_to_disk_and_all_land(sqlite_url: str, tmp_path
             writer.statistics(statistics_row(step))
             if step % 100 == 0:
                 writer.event("info", "mark", f"step {step}", step=step)
-        wait_for("a spill file", lambda: list(spill.glob("batch-*.pickle")))
+        wait_for("a spill file", lambda: list(spill.glob("batch-*.jsonl")))
         assert writer.failures >= 1
     finally:
         locker.execute("COMMIT")
@@ -64,14 +64,14 @@ def test_a_later_writer_for_the_run_writes_what_an_earlier_one_spilled(
     try:
         for step in range(1, 201):
             first.statistics(statistics_row(step))
-        wait_for("a spill file", lambda: list(spill.glob("batch-*.pickle")))
+        wait_for("a spill file", lambda: list(spill.glob("batch-*.jsonl")))
         assert not first.close()  # the database is still locked: rows stay on disk
         first._thread.join(30)  # its last write attempt gives up too: the process is gone
         assert not first._thread.is_alive()
     finally:
         locker.execute("COMMIT")
         locker.close()
-    assert list(spill.glob("batch-*.pickle"))
+    assert list(spill.glob("batch-*.jsonl"))
     second = BackgroundWriter(store, run_id, spill_dir=spill)  # what --resume builds
     second.statistics(statistics_row(201))
     assert second.close()
