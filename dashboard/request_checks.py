@@ -73,7 +73,7 @@ def is_count(value: Any) -> bool:
 STORES = ("curve-state", "history-state", "activations-state", "fields-state", "submission",
           "alerts-state", "fix-clicks", "layers-state", "insight-state", "histograms-state",
           "system-state", "step-token", "control-token", "events-token", "header-state",
-          "run-edit", "run-fields-state", "compare-state", "compare-tick")
+          "run-edit", "run-fields-state", "compare-state")
 FIELD_RULES: dict[tuple[str, str], Callable[[Any], None]] = {
     ("run-select", "value"): _row_id("run-select.value", 1),
     ("compare-select", "value"): _run_ids,
@@ -86,6 +86,7 @@ FIELD_RULES: dict[tuple[str, str], Callable[[Any], None]] = {
     ("optimizer-select", "value"): _kind("optimizer-select.value", "a string",
                                          lambda v: isinstance(v, str)),
     ("refresh-select", "value"): _kind("refresh-select.value", "an integer", is_count),
+    ("compare-tick", "data"): _kind("compare-tick.data", "a count", is_count),  # n_intervals
     ("lr-slider", "value"): _kind("lr-slider.value", "a number", is_number),
     ("smoothing-slider", "value"): _kind("smoothing-slider.value", "a number", is_number),
     **{(field, "value"): _kind(f"{field}.value", "a string or a number",

@@ -20,6 +20,7 @@ from dashboard.callbacks_run_edit import edit_run
 from dashboard.callbacks_runs import choose_run, run_header
 from dashboard.context import BoardContext
 from dashboard.display import NAME_SHOWN
+from dashboard.request_checks import MalformedRequestError, check_envelope
 from db.store import Store
 from tests.test_board_callbacks import log_steps, new_run, text_of
 
@@ -160,3 +161,23 @@ def test_a_huge_name_written_by_sql_is_shown_truncated_with_the_full_text_on_hov
     shown = text_of(header)
     assert huge not in shown and "N" * (NAME_SHOWN - 1) + "…" in shown
     assert f'"title": "{"N" * 1000}' in json.dumps(header, default=lambda c: c.to_plotly_json())
+
+
+def test_what_the_page_sends_passes_the_checks() -> None:
+    """The values the page's own components hold (the browser tests send the rest)."""
+    callbacks = {"x.data": {"callback": object()}}
+    page = [("run-select", "value", 3), ("compare-select", "value", [1, 2]),
+            ("checkpoint-select", "value", 0), ("compare-tick", "data", 7),
+            ("refresh-select", "value", 2000), ("lr-slider", "value", -3.5),
+            ("smoothing-slider", "value", 0.6), ("show-hidden", "value", ["show"]),
+            ("lr-input", "value", "3e-4"), ("dropout-input", "value", 50),
+            ("submit-params", "n_clicks", 2), ("curve-state", "data", {"run_id": 3}),
+            ("histogram-layer", "value", "conv1"), ("layer-picker", "value", ["conv1"])]
+    for component, prop, value in page:
+        check_envelope({"output": "x.data", "outputs": {"id": "x", "property": "data"},
+                        "inputs": [{"id": component, "property": prop, "value": value}],
+                        "state": [], "changedPropIds": [f"{component}.{prop}"]}, callbacks)
+    with pytest.raises(MalformedRequestError, match="compare-tick"):
+        check_envelope({"output": "x.data", "outputs": {"id": "x", "property": "data"},
+                        "inputs": [
+            {"id": "compare-tick", "property": "data", "value": "7"}]}, callbacks)
