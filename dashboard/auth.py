@@ -18,9 +18,12 @@ The doors, decided before a single byte of a request body is read:
    its login prompt on that 401 and sends the credentials from then on.
    So no body is parsed before the credential check: the check reads headers only, and
    an anonymous body is parsed only as a read, the same as any viewer's refresh.
-3. Every body is capped at MAX_BODY_BYTES (413 from its Content-Length, before reading;
-   waitress refuses it as well, before buffering), JSON too deeply nested is a 400, and
-   Dash's MCP server is off whatever DASH_MCP_ENABLED says (board.py, dashboard/app.py).
+3. Every body is capped at MAX_BODY_BYTES, an anonymous one at READ_BODY_BYTES (413
+   from its Content-Length, before reading; waitress refuses bodies over the cap before
+   buffering them). So an anonymous request costs at most what a viewer's refresh may,
+   whatever it holds: JSON too deeply nested is a 400, and malformed fields are a 400
+   (dashboard/request_checks.py). Dash's MCP server is off whatever DASH_MCP_ENABLED
+   says (dashboard/app.py), so no route but Dash's callback endpoint runs a callback.
 
 Credentials come only from the environment (or a file it names), never from the
 repository, and are compared as UTF-8 bytes so any password works.
@@ -46,6 +49,7 @@ from flask.json.provider import DefaultJSONProvider
 WRITE_OUTPUTS = frozenset({"submission", "run-edit"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a refresh is a few KB; the compare view's under 100 KB
+READ_BODY_BYTES = 1024 * 1024  # without credentials: parsed JSON takes ~20x its size
 REALM = "CNN training board"
 
 
@@ -165,8 +169,10 @@ def install_guard(app: Dash, credentials: Credentials | None,
             return None
         if not g.may_write and not (request.method == "POST" and request.path == dispatch):
             return challenge()
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            return Response(f"Request bodies are limited to {MAX_BODY_BYTES} bytes.", 413)
+        limit = MAX_BODY_BYTES if g.may_write else READ_BODY_BYTES
+        if (request.content_length or 0) > limit:
+            return Response(f"Request bodies are limited to {limit} bytes.", 413)
+        request.max_content_length = limit  # also bounds a body sent without a length
         if request.path == dispatch:
             check_request(app)
         return None

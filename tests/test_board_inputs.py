@@ -8,6 +8,7 @@ on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from dash import Dash
 
 from dashboard.app import create_app
+from dashboard.auth import READ_BODY_BYTES, Credentials
 from dashboard.callbacks_run_edit import edit_run
 from dashboard.callbacks_runs import choose_run, run_header
 from dashboard.context import BoardContext
@@ -181,3 +183,16 @@ def test_what_the_page_sends_passes_the_checks() -> None:
         check_envelope({"output": "x.data", "outputs": {"id": "x", "property": "data"},
                         "inputs": [
             {"id": "compare-tick", "property": "data", "value": "7"}]}, callbacks)
+
+
+def test_an_anonymous_body_is_capped_lower_than_an_authorized_one(store: Store) -> None:
+    """A viewer's refresh is a few KB: without credentials a body over 1 MB is refused
+    unread; with them the cap is 4 MB."""
+    credentials = Credentials("coach", "pässwörd")
+    client = create_app(BoardContext.for_store(store), credentials).server.test_client()
+    good = "Basic " + base64.b64encode("coach:pässwörd".encode()).decode()
+    body = b'{"output": "' + b"x" * (READ_BODY_BYTES + 10) + b'"}'
+    sent = {"data": body, "content_type": "application/json"}
+    assert client.post("/_dash-update-component", **sent).status_code == 413
+    assert client.post("/_dash-update-component", **sent,
+                       headers={"Authorization": good}).status_code == 400  # read: not ours
