@@ -25,7 +25,7 @@ from typing import Any
 from dash import Dash, Input, Output, State, html, no_update
 
 from dashboard.context import BoardContext, or_no_update
-from dashboard.display import NAME_SHOWN, shown_tags, text_span
+from dashboard.display import NAME_SHOWN, TITLE_MAX, shorten, shown_tags, text_span
 from dashboard.downsample import MAX_POINTS
 from dashboard.figures_compare import (
     change_summaries,
@@ -83,7 +83,7 @@ def _marks(mark: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         "step": -1 if mark["step"] is None else int(mark["step"]),
         "rollbacks": int(mark["rollbacks"] or 0),
         "version": int(mark["version"] or 0),
-        "name": mark["name"],
+        "name": shorten(mark["name"], TITLE_MAX),
         "tags": shown_tags(mark["tags"]),
         "status": effective_status(mark, now),
     }

@@ -119,7 +119,8 @@ def header_values(ctx: BoardContext, run_id: int, now: datetime | None = None) -
         f"ended {run['dt_ended']:%Y-%m-%d %H:%M:%S} UTC" if run["dt_ended"] else ""
     )
     return Header(
-        fixed={"run_id": run_id, "name": run["name"], "model": run["model_name"],
+        fixed={"run_id": run_id, "name": shorten(run["name"], TITLE_MAX),
+               "model": run["model_name"],
                "dataset": run["dataset"], "device": str(config.get("device", "—")),
                "tags": shown_tags(run["tags"]), "hidden": bool(run["hidden"])},
         live={"status": status, "beat": beat_text, "Epoch": str(epoch), "Step": f"{step:,}",
