@@ -189,7 +189,7 @@ def foreign_host() -> Response | None:
                         "localhost or [::1]; set BOARD_PASSWORD to serve other names.", 403)
     origin = request.headers.get("Origin")
     if request.method not in SAFE_METHODS and origin and not is_loopback(
-            urlsplit(origin).hostname or ""):
+            host_name(origin.partition("://")[2])):
         return Response("Writes from another site's page are refused.", 403)
     return None
 

@@ -335,18 +335,24 @@ def test_without_a_password_only_loopback_names_are_served(open_board: Board) ->
                                                    "Content-Type": "application/json"})
         assert 400 <= status < 500, (host, status)
     # a page of another site may not write, even through a loopback name
-    status, _ = open_board.request(
-        "POST", "/_dash-update-component",
-        json.dumps(rename_payload(open_board.run_id, "x")).encode(),
-        {"Content-Type": "application/json", "Origin": "http://evil.example"})
-    assert status == 403
+    for origin in ("http://evil.example", "http://[::1", "null", "http://127.0.0.1.evil.example"):
+        status, _ = open_board.request(
+            "POST", "/_dash-update-component",
+            json.dumps(rename_payload(open_board.run_id, "x")).encode(),
+            {"Content-Type": "application/json", "Origin": origin})
+        assert status == 403, origin
     assert open_board.store.get_run(open_board.run_id)["name"] == "door"
     # MCP is off here too
     status, body = open_board.request("POST", "/_mcp", MCP_CALL,
                                       {"Content-Type": "application/json"})
     assert status in (404, 405) and b"jsonrpc" not in body
-    # the page's own write works
+    # the page's own write works, from its own origin too
     assert open_board.callback(rename_payload(open_board.run_id, "mine")) == 200
+    status, _ = open_board.request(
+        "POST", "/_dash-update-component",
+        json.dumps(rename_payload(open_board.run_id, "mine")).encode(),
+        {"Content-Type": "application/json", "Origin": f"http://localhost:{port}"})
+    assert status == 200
     assert open_board.store.get_run(open_board.run_id)["name"] == "mine"
 
 
