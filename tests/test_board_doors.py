@@ -111,15 +111,12 @@ def open_board(sqlite_url: str, tmp_path: Path) -> Iterator[Board]:
     yield from board_fixture(sqlite_url, tmp_path, {"DASH_MCP_ENABLED": "true"})
 
 
-def routes(tmp_path: Path) -> list[str]:
+def routes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every route the board's Flask app has (built here with the same environment as
     the subprocess), path parameters filled in, plus routes it should not have."""
-    os.environ["DASH_MCP_ENABLED"] = "true"
-    try:
-        store = Store(f"sqlite:///{tmp_path / 'routes.db'}")
-        app = create_app(BoardContext.for_store(store))
-    finally:
-        del os.environ["DASH_MCP_ENABLED"]
+    monkeypatch.setenv("DASH_MCP_ENABLED", "true")
+    store = Store(f"sqlite:///{tmp_path / 'routes.db'}")
+    app = create_app(BoardContext.for_store(store))
     found = {rule.rule.replace("<path:filename>", "board.css")
              .replace("<string:package_name>", "dash").replace("<path:fingerprinted_path>", "x.js")
              .replace("<path:path>", "anything") for rule in app.server.url_map.iter_rules()}
@@ -131,9 +128,10 @@ MCP_CALL = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "param
     "name": "anything", "arguments": {}}}).encode()
 
 
-def test_every_route_refuses_a_write_without_the_credentials(guarded: Board,
-                                                             tmp_path: Path) -> None:
-    paths = routes(tmp_path)
+def test_every_route_refuses_a_write_without_the_credentials(
+    guarded: Board, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = routes(tmp_path, monkeypatch)
     assert "/_dash-update-component" in paths and "/_mcp" in paths
     for path in paths:
         if path == "/_dash-update-component":
