@@ -23,7 +23,7 @@ from flask import Flask
 from sqlalchemy.exc import OperationalError
 
 from dashboard.app import create_app
-from dashboard.auth import Credentials, guard_writes, is_loopback
+from dashboard.auth import MAX_BODY_BYTES, Credentials, CredentialsError, is_loopback
 from dashboard.context import BoardContext
 from db.store import Store, describe_url, resolve_url
 
@@ -67,7 +67,12 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    credentials = Credentials.from_environment()
+    try:
+        credentials = Credentials.from_environment()
+    except CredentialsError as error:
+        print(f"error: {error}; the board does not start without a usable password "
+              "once one is asked for", file=sys.stderr)
+        return 2
     if credentials is None and not is_loopback(args.host):
         print(f"error: --host {args.host} would let anyone on the network stop or change "
               "runs; set BOARD_PASSWORD (or BOARD_PASSWORD_FILE) first, or bind to 127.0.0.1",
@@ -77,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_app() -> Dash:
         """The app with its own store: built in each worker, never shared across a fork."""
-        app = create_app(BoardContext.for_store(open_store(url)))
-        if credentials is not None:
-            guard_writes(app.server, credentials)
-        return app
+        return create_app(BoardContext.for_store(open_store(url)), credentials)
 
     print(f"board on http://{args.host}:{args.port}/  database {describe_url(url)}",
           file=sys.stderr, flush=True)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
             signal.signal(signal.SIGTERM, _stop_on_sigterm)
             serve(app.server, host=args.host, port=args.port, threads=SERVER_THREADS,
-                  ident="board")
+                  ident="board", max_request_body_size=MAX_BODY_BYTES)
     except KeyboardInterrupt:
         pass
     return 0

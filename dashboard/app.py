@@ -21,8 +21,10 @@ from dashboard import (
     callbacks_run_edit,
     callbacks_runs,
 )
+from dashboard.auth import Credentials, install_guard
 from dashboard.context import BoardContext
 from dashboard.layout import page
+from dashboard.request_checks import check_dash_request
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
@@ -36,7 +38,11 @@ def unreachable_message(ctx: BoardContext, error: Exception) -> str:
             "The board keeps retrying at every refresh.")
 
 
-def create_app(ctx: BoardContext) -> Dash:
+def create_app(ctx: BoardContext, credentials: Credentials | None = None) -> Dash:
+    """The board; with `credentials`, changing a run needs them (dashboard/auth.py).
+    Dash's MCP server stays off whatever DASH_MCP_ENABLED says: it would be a second
+    way into every callback."""
+
     def on_error(error: Exception) -> None:
         """A database outage becomes a banner instead of a traceback; other errors
         are bugs and propagate."""
@@ -50,10 +56,12 @@ def create_app(ctx: BoardContext) -> Dash:
         update_title=None,
         assets_folder=str(ASSETS),
         on_error=on_error,
+        enable_mcp=False,
     )
     app.layout = page(callbacks_runs.start_command(ctx))
     for concern in (callbacks_runs, callbacks_changes, callbacks_controls, callbacks_curves,
                     callbacks_history, callbacks_activations, callbacks_alerts, callbacks_recovery,
                     callbacks_insight, callbacks_run_edit, callbacks_compare):
         concern.register(app, ctx)
+    install_guard(app, credentials, check_dash_request)
     return app

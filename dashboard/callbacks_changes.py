@@ -24,6 +24,7 @@ from typing import Any
 from dash import Dash, Input, Output, State, no_update
 
 from dashboard.context import BoardContext
+from dashboard.display import TITLE_MAX, shorten, shown_tags
 from dashboard.status import effective_status
 
 TOKENS = ("step-token", "control-token", "events-token")
@@ -42,7 +43,8 @@ def change_tokens(ctx: BoardContext, run_id: int | None,
         {"run_id": run_id, "version": marks["version"],
          "applied_version": marks["applied_version"], "checkpoints": marks["checkpoints"],
          "checkpoint_step": marks["checkpoint_step"], "status": status,
-         "name": marks["name"], "tags": marks["tags"], "hidden": marks["hidden"]},
+         "name": shorten(marks["name"], TITLE_MAX), "tags": shown_tags(marks["tags"]),
+         "hidden": marks["hidden"]},
         {"run_id": run_id, "event_id": marks["event_id"],
          "applied_version": marks["applied_version"]},
     )

@@ -25,6 +25,7 @@ from typing import Any
 from dash import Dash, Input, Output, State, html, no_update
 
 from dashboard.context import BoardContext, or_no_update
+from dashboard.display import NAME_SHOWN, TITLE_MAX, shorten, shown_tags, text_span
 from dashboard.downsample import MAX_POINTS
 from dashboard.figures_compare import (
     change_summaries,
@@ -82,8 +83,8 @@ def _marks(mark: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         "step": -1 if mark["step"] is None else int(mark["step"]),
         "rollbacks": int(mark["rollbacks"] or 0),
         "version": int(mark["version"] or 0),
-        "name": mark["name"],
-        "tags": list(mark["tags"] or []),
+        "name": shorten(mark["name"], TITLE_MAX),
+        "tags": shown_tags(mark["tags"]),
         "status": effective_status(mark, now),
     }
 
@@ -258,9 +259,10 @@ def compare_row(run: Mapping[str, Any], status: str, figures: Mapping[str, Any],
         [
             html.Td(html.Div([html.Span(className=f"run-swatch run-color-{color}"),
                               html.Span(f"#{run['run_id']}", className="run-id-cell"),
-                              html.Span(run["name"], className="compare-name")],
+                              text_span(run["name"], NAME_SHOWN, className="compare-name")],
                              className="compare-run")),
-            html.Td([html.Span(tag, className="tag") for tag in run["tags"] or []]),
+            html.Td([html.Span(tag, className="tag", title=tag)
+                     for tag in shown_tags(run["tags"])]),
             html.Td(html.Span(status, className=f"badge status-{status}")),
             html.Td(run["model_name"]),
             html.Td(run["dataset"]),

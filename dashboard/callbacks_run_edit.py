@@ -17,6 +17,7 @@ from typing import Any
 from dash import Dash, Input, Output, State, callback_context
 
 from dashboard.context import BoardContext, or_no_update
+from dashboard.display import TITLE_MAX, shorten, shown_tags
 from db.store import now as utc_now
 
 ACTIONS = ("rename", "tags", "hide")
@@ -55,10 +56,12 @@ def sync_run_fields(ctx: BoardContext, run_id: int | None,
     if run is None:
         return RunFields("", "", "Hide run", True, None)
     label = "Unhide run" if run["hidden"] else "Hide run"
-    state = {"run_id": run_id, "name": run["name"], "tags": list(run["tags"] or [])}
+    # bounded like everything the page holds: a name written by SQL can be any size
+    state = {"run_id": run_id, "name": shorten(run["name"], TITLE_MAX),
+             "tags": shown_tags(run["tags"])}
     if loaded == state:
         return RunFields(None, None, label, False, state)
-    return RunFields(run["name"], format_tags(run["tags"]), label, False, state)
+    return RunFields(state["name"], format_tags(state["tags"]), label, False, state)
 
 
 def edit_run(ctx: BoardContext, run_id: int | None, action: str, name: Any = None,

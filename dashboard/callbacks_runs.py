@@ -10,6 +10,7 @@ from typing import Any
 from dash import Dash, Input, Output, Patch, State, html, no_update
 
 from dashboard.context import BoardContext
+from dashboard.display import NAME_SHOWN, TITLE_MAX, shorten, shown_tags
 from dashboard.status import (
     LIVE_STATUSES,
     effective_status,
@@ -30,9 +31,9 @@ class RunChoice:
 def run_label(run: Mapping[str, Any], status: str) -> str:
     """Plain text (the dropdown renders it verbatim, never as HTML), e.g.
     "#12  name  [lr-sweep, baseline]  ·  running"."""
-    parts = [f"#{run['run_id']}", run["name"]]
-    if run.get("tags"):
-        parts.append(f"[{', '.join(run['tags'])}]")
+    parts = [f"#{run['run_id']}", shorten(run["name"], NAME_SHOWN)]
+    if tags := shown_tags(run.get("tags")):
+        parts.append(f"[{', '.join(tags)}]")
     if run.get("hidden"):
         parts.append("(hidden)")
     return "  ".join(parts) + f"  ·  {status}"
@@ -118,9 +119,10 @@ def header_values(ctx: BoardContext, run_id: int, now: datetime | None = None) -
         f"ended {run['dt_ended']:%Y-%m-%d %H:%M:%S} UTC" if run["dt_ended"] else ""
     )
     return Header(
-        fixed={"run_id": run_id, "name": run["name"], "model": run["model_name"],
+        fixed={"run_id": run_id, "name": shorten(run["name"], TITLE_MAX),
+               "model": run["model_name"],
                "dataset": run["dataset"], "device": str(config.get("device", "—")),
-               "tags": list(run["tags"] or []), "hidden": bool(run["hidden"])},
+               "tags": shown_tags(run["tags"]), "hidden": bool(run["hidden"])},
         live={"status": status, "beat": beat_text, "Epoch": str(epoch), "Step": f"{step:,}",
               "Steps/s": rate, "Elapsed": format_duration(elapsed)},
     )
@@ -141,12 +143,13 @@ def header_children(run_id: int, header: Header | None) -> list[Any]:
         html.Div(
             [
                 html.Span(f"#{run_id}", className="run-id"),
-                html.H1(fixed["name"], className="run-name"),
+                html.H1(shorten(fixed["name"], NAME_SHOWN), className="run-name",
+                        title=shorten(fixed["name"], TITLE_MAX)),
                 html.Span(live["status"], className=f"badge status-{live['status']}",
                           id="run-status"),
                 html.Span(live["beat"], className="run-beat"),
                 # After the patched children (2, 3): header_patch leaves these alone.
-                *(html.Span(tag, className="tag") for tag in fixed.get("tags", [])),
+                *(html.Span(tag, className="tag", title=tag) for tag in fixed.get("tags", [])),
                 *([html.Span("hidden", className="badge hidden-badge")]
                   if fixed.get("hidden") else []),
             ],

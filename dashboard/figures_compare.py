@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dashboard.display import NAME_SHOWN, shorten
 from dashboard.downsample import MAX_POINTS, downsample
 from dashboard.figures import ACCURACY, LOSS, SERIES, CurveGraph, json_floats, plotly_text
 from dashboard.figures import _base_layout as base_layout
@@ -47,7 +48,7 @@ def run_colors(run_ids: Iterable[int]) -> dict[int, int]:
 
 def run_title(run: Mapping[str, Any]) -> str:
     """'#12 name', as plain text (escape it for Plotly with plotly_text)."""
-    return f"#{run['run_id']} {run['name']}"
+    return f"#{run['run_id']} {shorten(run['name'], NAME_SHOWN)}"
 
 
 def _series(rows: Sequence[Sequence[Any]], column: str,

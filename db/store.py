@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -107,13 +108,29 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+INVISIBLE_CATEGORIES = frozenset({"Cf", "Zs", "Zl", "Zp"})  # format chars and spaces
+
+
+def clean_text(text: Any, what: str) -> str:
+    """`text` stripped, or ValueError: the one rule for every name and tag, whether the
+    board or a script calls the Store. Control characters (NUL among them: PostgreSQL
+    refuses it in text) and lone surrogates (not encodable) are refused; so is text
+    made only of invisible characters (zero-width spaces, U+FEFF, other format
+    characters and spaces), which would show as an empty label."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} is text")
+    text = text.strip()
+    for char in text:
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise ValueError(f"{what} cannot contain the control character U+{ord(char):04X}")
+    if all(unicodedata.category(char) in INVISIBLE_CATEGORIES for char in text):
+        raise ValueError(f"{what} cannot be empty (or only invisible characters)")
+    return text
+
+
 def clean_run_name(name: Any) -> str:
     """The name as stored: stripped, 1 to RUN_NAME_MAX characters; ValueError says why not."""
-    if not isinstance(name, str):
-        raise ValueError("a run name is text")
-    name = name.strip()
-    if not name:
-        raise ValueError("a run name cannot be empty")
+    name = clean_text(name, "a run name")
     if len(name) > RUN_NAME_MAX:
         raise ValueError(f"a run name has at most {RUN_NAME_MAX} characters ({len(name)} given)")
     return name
@@ -127,11 +144,7 @@ def clean_tags(tags: Any) -> list[str]:
         raise ValueError("tags are a list of texts")
     cleaned: list[str] = []
     for tag in tags:
-        if not isinstance(tag, str):
-            raise ValueError("a tag is text")
-        tag = tag.strip()
-        if not tag:
-            raise ValueError("a tag cannot be empty")
+        tag = clean_text(tag, "a tag")
         if len(tag) > TAG_MAX:
             raise ValueError(f"a tag has at most {TAG_MAX} characters ({tag[:TAG_MAX]}…)")
         if "," in tag:
