@@ -410,6 +410,18 @@ class Store:
                 .values(status="running", dt_heartbeat=now(), dt_ended=None)
             )
 
+    def record_trainer(self, run_id: int, identity: Mapping[str, Any]) -> None:
+        """Merge a trainer's identity (host, pid, the pid's start time) into the run's
+        config: a resumed run belongs to this process now, and the next `--resume`
+        asks whether this one still lives, not the trainer before it."""
+        runs = s.runs
+        with self.engine.begin() as conn:
+            config = conn.execute(
+                select(runs.c.config).where(runs.c.run_id == run_id)
+            ).scalar_one_or_none()
+            merged = (config if isinstance(config, dict) else {}) | dict(identity)
+            conn.execute(update(runs).where(runs.c.run_id == run_id).values(config=merged))
+
     def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
         """The run's checkpoints on record, oldest first."""
         c = s.checkpoints
