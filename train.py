@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,7 @@ def trainer_gone(config: Any) -> bool:
     return abs(created - started) > SAME_PROCESS_SECONDS
 
 
-def describe_trainer(run: dict[str, Any], moment: Any) -> str:
+def describe_trainer(run: dict[str, Any], moment: datetime) -> str:
     """"its trainer (pid 123 on host) sent a heartbeat 2 s ago", from untrusted values."""
     config = run["config"] if isinstance(run["config"], dict) else {}
     return (f"its trainer (pid {str(config.get('pid'))[:20]} on {str(config.get('host'))[:80]}) "
