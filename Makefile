@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench soak schema browser clean
+.PHONY: demo test lint bench soak schema browser screenshots clean
 
 $(STAMP): requirements.txt
 	python3 -m venv $(VENV)
@@ -24,6 +24,12 @@ lint: $(STAMP)
 
 test: $(STAMP) browser lint
 	$(PYTHON) -m pytest
+
+# The README's pictures: the browser tests that take them, writing docs/*.png (a plain
+# `make test` saves them in temporary folders and leaves the work tree clean).
+screenshots: $(STAMP) browser
+	SCREENSHOTS=1 $(PYTHON) -m pytest tests/test_browser_board.py tests/test_browser_compare.py \
+	  tests/test_browser_insight.py
 
 bench: $(STAMP)
 	$(PYTHON) -m bench

@@ -20,12 +20,12 @@ from typing import Any
 
 from dash import Dash
 from flask import Flask
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from dashboard.app import create_app
 from dashboard.auth import MAX_BODY_BYTES, Credentials, CredentialsError, is_loopback
 from dashboard.context import BoardContext
-from db.store import Store, describe_url, resolve_url
+from db.store import Store, UnusableDatabaseError, describe_url, make_engine, resolve_url
 
 SERVER_THREADS = 4  # a page fires a handful of small callbacks per refresh
 
@@ -55,7 +55,7 @@ def open_store(url: str) -> Store:
     pool renews its connections."""
     try:
         return Store(url, pre_ping=False)
-    except OperationalError as exc:
+    except DBAPIError as exc:  # down, or refusing us: the page says so until it answers
         reason = str(exc.orig or exc).strip().splitlines()[0]
         print(f"warning: database unreachable for now ({reason})", file=sys.stderr)
         return Store(url, create=False, pre_ping=False)
@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     url = resolve_url(args.db)
+    try:  # a URL that cannot work, ever: say so now (a server that is down is not that)
+        make_engine(url).dispose()
+    except UnusableDatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
     def make_app() -> Dash:
         """The app with its own store: built in each worker, never shared across a fork."""

@@ -23,9 +23,11 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from sqlalchemy.exc import SQLAlchemyError
 from torch import nn
@@ -45,7 +47,15 @@ from checkpointing import (
 from dashboard.status import LIVE_STATUSES, LOST_AFTER_SECONDS, effective_status, heartbeat_age
 from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
 from db.listener import ParameterListener
-from db.store import ParameterState, Store, describe_url, now, resolve_url
+from db.store import (
+    ParameterState,
+    Store,
+    UnusableDatabaseError,
+    describe_url,
+    now,
+    open_store,
+    resolve_url,
+)
 from db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
 from diagnostics import Diagnostician, LayerRecord, StepRecord
 from distributed import Ranks
@@ -123,7 +133,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1, help="sweep runs at once")
     p.add_argument("--resume", type=int, metavar="RUN_ID", default=None,
                    help="continue this run from its latest checkpoint, with its options")
+    p.add_argument("--wait", action="store_true",
+                   help="with --resume: while the run's trainer may still live, wait until "
+                   "the run counts as lost instead of refusing")
     args = p.parse_args(argv)
+    if args.wait and args.resume is None:
+        p.error("--wait goes with --resume RUN_ID")
 
     for name in ("epochs", "batch_size", "log_every", "val_batches", "checkpoint_every",
                  "checkpoint_keep", "buffer_rows", "parallel"):
@@ -225,25 +240,108 @@ RESUMABLE_OVERRIDES = ("db", "resume", "no_progress", "epochs", "max_steps", "de
                        "workers", "checkpoint_dir")
 
 
-def resume_options(args: argparse.Namespace, store: Store) -> argparse.Namespace:
+MAX_PID = 2**31 - 1  # anything larger read from the database is not a pid
+SAME_PROCESS_SECONDS = 1.0  # start times this close: the same process, not a reused pid
+WAIT_POLL_SECONDS = 1.0
+
+
+def trainer_identity() -> dict[str, Any]:
+    """What tells this trainer apart from any other, recorded in the run's config: the
+    host, the pid and the pid's start time (a pid is reused once its process is gone)."""
+    return {"host": platform.node(), "pid": os.getpid(),
+            "pid_started": psutil.Process().create_time()}
+
+
+def trainer_gone(config: Any) -> bool:
+    """True when the run's recorded trainer ran on this host and plainly is no more: its
+    pid is not alive, is a zombie, or now belongs to a process started at another time.
+
+    The config comes from the database, so any value may be missing or of any type;
+    whatever cannot prove the trainer dead counts as "it may live" (False)."""
+    if not isinstance(config, dict) or config.get("host") != platform.node():
+        return False
+    pid, started = config.get("pid"), config.get("pid_started")
+    if type(pid) is not int or not 0 < pid <= MAX_PID:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        created = process.create_time()
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # not ours to inspect: it may be the trainer
+        return False
+    if type(started) not in (int, float) or not math.isfinite(started):
+        return False  # a run recorded before start times were: cannot tell a reused pid
+    return abs(created - started) > SAME_PROCESS_SECONDS
+
+
+def describe_trainer(run: dict[str, Any], moment: datetime) -> str:
+    """"its trainer (pid 123 on host) sent a heartbeat 2 s ago", from untrusted values."""
+    config = run["config"] if isinstance(run["config"], dict) else {}
+    return (f"its trainer (pid {str(config.get('pid'))[:20]} on {str(config.get('host'))[:80]}) "
+            f"sent a heartbeat {heartbeat_age(run, moment):.0f} s ago")
+
+
+def wait_until_lost(store: Store, run_id: int, stop: threading.Event) -> None:
+    """Return once the run no longer counts as live (or its trainer is plainly gone).
+
+    LookupError when the run disappears or Ctrl-C ends the wait; nothing is changed."""
+    said = False
+    while True:
+        run, moment = store.get_run(run_id), now()
+        if run is None:
+            raise LookupError(f"run {run_id} was deleted while waiting for it")
+        if effective_status(run, moment) not in LIVE_STATUSES or trainer_gone(run["config"]):
+            return
+        if not said:
+            say(f"waiting for run {run_id} to count as lost: {describe_trainer(run, moment)}; "
+                f"a run counts as lost after {LOST_AFTER_SECONDS:.0f} s without one "
+                "(Ctrl-C to give up)")
+            said = True
+        if stop.wait(WAIT_POLL_SECONDS):
+            raise LookupError(f"stopped waiting for run {run_id}; it is left as it was")
+
+
+def claim_run(args: argparse.Namespace, store: Store, run: dict[str, Any],
+              stop: threading.Event) -> None:
+    """Make sure no other trainer still drives the run, then record this one as its trainer.
+
+    A live run may be resumed at once when its trainer ran on this host and is gone (a
+    crash, kill -9); otherwise only once its heartbeat is old enough for it to count as
+    lost: refused now, or awaited with --wait."""
+    moment = now()
+    if (status := effective_status(run, moment)) in LIVE_STATUSES:  # two trainers, one run
+        if trainer_gone(run["config"]):
+            say(f"run {args.resume} is {status} but its trainer on this host is gone: "
+                "resuming at once")
+        elif args.wait:
+            wait_until_lost(store, args.resume, stop)
+        else:
+            age = heartbeat_age(run, moment)
+            raise LookupError(
+                f"run {args.resume} is {status}: {describe_trainer(run, moment)}. Stop it "
+                f"first; if it is dead, it counts as lost {LOST_AFTER_SECONDS - age:.0f} s "
+                "from now (add --wait to resume then)")
+    store.record_trainer(args.resume, trainer_identity())
+
+
+def resume_options(args: argparse.Namespace, store: Store,
+                   stop: threading.Event) -> argparse.Namespace:
     """The resumed run's options, with the overrides given on this command line;
-    LookupError when there is nothing to resume."""
+    LookupError when there is nothing to resume or its trainer may still live."""
     run = store.get_run(args.resume)
     if run is None:
         raise LookupError(f"there is no run {args.resume} in {describe_url(store.url)}")
     if store.latest_checkpoint(args.resume) is None:
         raise LookupError(f"run {args.resume} has no checkpoint to resume from")
-    moment = now()
-    if (status := effective_status(run, moment)) in LIVE_STATUSES:  # two trainers, one run
-        age = heartbeat_age(run, moment)
-        raise LookupError(
-            f"run {args.resume} is {status}: its trainer (pid {run['config'].get('pid')} on "
-            f"{run['config'].get('host')}) sent a heartbeat {age:.0f} s ago. Stop it first; "
-            f"if it is dead, it counts as lost {LOST_AFTER_SECONDS - age:.0f} s from now")
+    claim_run(args, store, run, stop)
     defaults = vars(parse_args([]))
     given = {k: v for k, v in vars(args).items() if k in RESUMABLE_OVERRIDES
              and v != defaults.get(k)}
-    saved = {k: v for k, v in run["config"].items() if k in defaults}
+    config = run["config"] if isinstance(run["config"], dict) else {}
+    saved = {k: v for k, v in config.items() if k in defaults}
     return argparse.Namespace(**(defaults | saved | given))
 
 
@@ -316,25 +414,35 @@ def main(argv: list[str] | None = None) -> int:
         combos = sweep.combinations(args.sweep)
         for combo in combos:
             parse_args([*base, *combo])  # a bad value exits 2 here, before any run exists
+        try:  # and a bad --db ends here, not in every child
+            open_store(args.db).close()
+        except UnusableDatabaseError as exc:
+            say(f"error: {exc}")
+            return 1
         return sweep.run(base, combos, args.parallel, args.run_name, stop.requested)
     device = ranks.device(args.device)
     ranks.start(device)  # under torchrun, before the first collective
-    store = None
-    if args.resume is not None:  # rank 0 reads the run's options; every rank builds from them
-        options: argparse.Namespace | str | None = None
-        if ranks.is_main:
-            store = Store(resolve_url(args.db))
-            try:
-                options = resume_options(args, store)
-            except LookupError as exc:
-                options = str(exc)
-        options = ranks.from_main(options)
-        if isinstance(options, str):
-            print(f"error: {options}", file=sys.stderr)
-            return 1
+    # Rank 0 opens the database before the dataset loads, so a bad --db fails in seconds,
+    # and reads a resumed run's options; every rank builds from what it found.
+    store: Store | None = None
+    found: argparse.Namespace | str | None = None  # the options to resume with, or an error
+    if ranks.is_main:
+        try:
+            store = open_store(args.db)
+            if args.resume is not None:
+                found = resume_options(args, store, stop.requested)
+        except (UnusableDatabaseError, LookupError) as exc:
+            found = str(exc)
+    found = ranks.from_main(found)
+    if isinstance(found, str):
+        say(f"error: {found}")
+        if store is not None:
+            store.close()
+        return 130 if stop.requested.is_set() else 1
+    if found is not None:
         if ranks.distributed:
-            options.device = args.device  # the process group already runs on this one
-        args = options
+            found.device = args.device  # the process group already runs on this one
+        args = found
         device = ranks.device(args.device)
     torch.manual_seed(args.seed)
     params = Hyperparameters(
@@ -375,7 +483,6 @@ def main(argv: list[str] | None = None) -> int:
     url = resolve_url(args.db)
     run_id, run_name, seen_version, handled_rollback = None, None, 1, 0
     if ranks.is_main:  # under torchrun, rank 0 alone owns the run in the database
-        store = store or Store(url)
         config = vars(args) | {
             "db": describe_url(url),
             "num_classes": info.num_classes,
@@ -387,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             "parameters_count": sum(p.numel() for p in model.parameters()),
             "device": str(device),
             "world_size": ranks.world_size,
-            "host": platform.node(),
-            "pid": os.getpid(),
+            **trainer_identity(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,

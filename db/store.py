@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import select as socket_select
 import sqlite3
 import time
 import unicodedata
@@ -27,6 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.types import NullType
 
 from db import schema as s
@@ -40,7 +43,10 @@ TAGS_MAX = 20  # tags per run
 
 
 def resolve_url(cli_value: str | None = None) -> str:
-    """--db, else $DATABASE_URL, else an SQLite file in the working directory."""
+    """--db, else $DATABASE_URL, else an SQLite file in the working directory.
+
+    A plain postgresql:// means psycopg 3; an explicit driver, such as the
+    postgresql+psycopg2:// of psycopg2-binary, is kept as written."""
     url = cli_value or os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_SQLITE_FILE}"
     if url.startswith("postgres://"):  # Heroku-style alias
         url = "postgresql://" + url[len("postgres://") :]
@@ -49,12 +55,50 @@ def resolve_url(cli_value: str | None = None) -> str:
     return url
 
 
+# user:password@ in a URL that make_url cannot parse: masked all the same.
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:).*@")
+
+
 def describe_url(url: str | URL) -> str:
-    """The URL with any password masked, for logs and the board."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL with any password masked, for logs, errors and the board; also for a
+    URL too malformed to parse, which is exactly when an error names it."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return _PASSWORD_IN_URL.sub(r"\1***@", str(url))
+
+
+class UnusableDatabaseError(Exception):
+    """The database a URL names cannot be used; the message is one line that names the
+    URL (password masked) and the cause, fit to print as it is."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """A driver's error as one line: its lines joined, SQLAlchemy's pointer dropped."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return "; ".join(line.strip() for line in text.splitlines()
+                     if line.strip() and not line.startswith("(Background on this error"))
+
+
+def _unusable(url: str, cause: str) -> UnusableDatabaseError:
+    return UnusableDatabaseError(f"database {describe_url(url)}: {cause}")
+
+
+def open_store(url: str | None = None, pre_ping: bool = True) -> Store:
+    """A Store whose database has answered and holds the tables, for a command line
+    tool that should say at once, in one line, that its --db cannot be used.
+
+    UnusableDatabaseError for a malformed URL, a missing driver, a server that does not
+    answer within the connect timeout, a missing database or one that refuses us."""
+    url = resolve_url(url)
+    try:
+        return Store(url, pre_ping=pre_ping)
+    except (SQLAlchemyError, sqlite3.Error) as exc:  # sqlite3's own: from our PRAGMAs
+        raise _unusable(url, _one_line(exc)) from None
 
 
 SQLITE_BUSY_SECONDS = 10.0
+CONNECT_SECONDS = 5  # PostgreSQL's connect timeout, unless the URL sets one
 SQLITE_WAKE_SECONDS = 0.05  # how often a waiting listener looks for a commit
 
 
@@ -91,17 +135,30 @@ def _enter_wal(cursor: Any) -> None:
 
 def make_engine(url: str, pre_ping: bool = True) -> Engine:
     """pre_ping: test a pooled PostgreSQL connection before each use (a round trip).
-    Without it a connection the server dropped fails once, and the pool is renewed."""
+    Without it a connection the server dropped fails once, and the pool is renewed.
+
+    UnusableDatabaseError when the URL cannot be parsed, names an unknown kind of
+    database or a driver that is not installed: nothing has connected yet."""
     url = resolve_url(url)
-    if make_url(url).get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    # connect_timeout: a host that drops packets fails in seconds, not minutes.
-    return create_engine(
-        url, pool_pre_ping=pre_ping, pool_size=5, max_overflow=5,
-        connect_args={"connect_timeout": 5},
-    )
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        # connect_timeout: a host that drops packets fails in seconds, not minutes,
+        # unless the URL asks for another wait (?connect_timeout=N).
+        timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": CONNECT_SECONDS}
+        return create_engine(
+            parsed, pool_pre_ping=pre_ping, pool_size=5, max_overflow=5, connect_args=timeout,
+        )
+    except NoSuchModuleError:
+        raise _unusable(url, f"unknown kind of database {url.partition(':')[0]!r} (use "
+                        "sqlite:///FILE or postgresql://USER@HOST/DATABASE)") from None
+    except (ArgumentError, ValueError) as exc:
+        raise _unusable(url, f"not a database URL ({exc})") from None
+    except ImportError as exc:
+        raise _unusable(url, f"its driver is not installed ({exc})") from None
 
 
 def now() -> datetime:
@@ -314,6 +371,30 @@ def _uniform(run_id: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"run_id": run_id} | {k: r.get(k) for k in keys} for r in rows]
 
 
+def _notification_wait(driver: Any, driver_name: str, payload: str) -> Callable[[float], bool]:
+    """wait(timeout) -> True once a NOTIFY with `payload` arrives on this LISTENing
+    connection. psycopg 3 has a blocking notifies(); psycopg2 a list that poll() fills
+    once select() says the socket has data."""
+    if driver_name != "psycopg2":
+        def wait(timeout: float) -> bool:
+            return any(note.payload == payload
+                       for note in driver.notifies(timeout=timeout, stop_after=1))
+        return wait
+
+    def wait_psycopg2(timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            driver.poll()
+            notes, driver.notifies[:] = list(driver.notifies), []
+            if any(note.payload == payload for note in notes):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            socket_select.select([driver], [], [], left)
+    return wait_psycopg2
+
+
 # Batch fields written as plain inserts, in an order that respects foreign keys.
 ROW_TABLES = {
     t.name: t
@@ -417,6 +498,18 @@ class Store:
                 .where(s.runs.c.run_id == run_id)
                 .values(status="running", dt_heartbeat=now(), dt_ended=None)
             )
+
+    def record_trainer(self, run_id: int, identity: Mapping[str, Any]) -> None:
+        """Merge a trainer's identity (host, pid, the pid's start time) into the run's
+        config: a resumed run belongs to this process now, and the next `--resume`
+        asks whether this one still lives, not the trainer before it."""
+        runs = s.runs
+        with self.engine.begin() as conn:
+            config = conn.execute(
+                select(runs.c.config).where(runs.c.run_id == run_id)
+            ).scalar_one_or_none()
+            merged = (config if isinstance(config, dict) else {}) | dict(identity)
+            conn.execute(update(runs).where(runs.c.run_id == run_id).values(config=merged))
 
     def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
         """The run's checkpoints on record, oldest first."""
@@ -561,15 +654,10 @@ class Store:
             if self.dialect == "postgresql":
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 conn.exec_driver_sql("LISTEN parameters_changed")
-                driver = conn.connection.driver_connection
-
-                def wait(timeout: float) -> bool:
-                    ours = str(run_id)
-                    return any(note.payload == ours
-                               for note in driver.notifies(timeout=timeout, stop_after=1))
-
+                notified = _notification_wait(conn.connection.driver_connection,
+                                          self.engine.dialect.driver, str(run_id))
                 try:
-                    yield wait
+                    yield notified
                 finally:
                     conn.exec_driver_sql("UNLISTEN parameters_changed")
                 return

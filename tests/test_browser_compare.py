@@ -37,6 +37,7 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
     WAIT,
     browser,
     free_port,
+    screenshot_path,
     spawn,
     tail,
     text,
@@ -47,7 +48,7 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
 from tests.test_browser_insight import save_section_screenshot
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "docs" / "compare.png"
+SCREENSHOT = "compare.png"  # in docs/ under `make screenshots`, see screenshot_path
 BEST = {"baseline": (91.5, 200), "lr-high": (88.25, 150)}  # best val accuracy, its step
 
 
@@ -257,7 +258,7 @@ def test_compare_rename_tag_and_hide_runs(
             assert compare_requests(browser) > asked + 1  # the choice, then the ticks
             if backend == "postgresql":  # the README's picture
                 until(browser, lambda d: table_row(d, live), "the live run in the table")
-                save_section_screenshot(browser, "#compare", SCREENSHOT)
+                save_section_screenshot(browser, "#compare", screenshot_path(SCREENSHOT, tmp_path))
 
             # Rename the watched run: the selector, the header, the overlay, the database.
             until(browser, lambda d: d.find_element(By.ID, "run-name-input")

@@ -29,6 +29,7 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
     WAIT,
     browser,
     free_port,
+    screenshot_path,
     spawn,
     tail,
     text,
@@ -37,7 +38,7 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "docs" / "insight.png"
+SCREENSHOT = "insight.png"  # in docs/ under `make screenshots`, see screenshot_path
 BLOW_UP_WAIT = 90  # seconds for the run to start and reach NaN on two busy cores
 ROLLBACK_TO = 0  # the initial checkpoint: the NaN comes before any periodic one
 FIXED_LR = 0.005  # the non_finite alert's fix: a tenth of the lr that blew up
@@ -136,7 +137,7 @@ def test_two_click_recovery_from_a_nan(
             until(browser, lambda d: text(d, "#histograms-step") == f"step {last_logged}"
                   and points(d, "system-graph") > 0, "the histograms and system panels")
             assert "Conv2d" in text(browser, "#model-table")
-            save_section_screenshot(browser, "#insight", SCREENSHOT)
+            save_section_screenshot(browser, "#insight", screenshot_path(SCREENSHOT, tmp_path))
 
             # Click 1: the fix. The run stays paused; the new lr waits for the rollback.
             fix.click()
