@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from db.store import Store, describe_url, resolve_url
+from db.store import UnusableDatabaseError, describe_url, open_store, resolve_url
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TRAIN_ARGS = ["--epochs", "100", "--log-every", "10"]
@@ -70,7 +70,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args, train_args = parse_args(argv)
     url = resolve_url(args.db)
-    Store(url).close()  # create the tables once, before two processes race to
+    try:
+        open_store(url).close()  # create the tables once, before two processes race to
+    except UnusableDatabaseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     board_url = f"http://{args.host}:{args.port}/"
     common = {"cwd": Path.cwd(), "start_new_session": True}  # our signals, not the terminal's
     signal.signal(signal.SIGTERM, _interrupt)

@@ -51,6 +51,7 @@ from db.store import (
     ParameterState,
     Store,
     UnusableDatabaseError,
+    clean_run_name,
     describe_url,
     now,
     open_store,
@@ -104,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dropout", type=int, default=DEFAULTS["dropout"], help=f"percent, 0..{DROPOUT_MAX}"
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--run-name", default=None)
+    p.add_argument("--run-name", type=run_name, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--init", type=init_scheme, default="default",
@@ -140,21 +141,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.wait and args.resume is None:
         p.error("--wait goes with --resume RUN_ID")
 
+    for error in option_errors(args):
+        p.error(error)
+    return args
+
+
+def option_errors(args: argparse.Namespace) -> list[str]:
+    """What is wrong with a set of options: the checks argparse's types cannot make.
+
+    Also run on a resumed run's options, which come from its config in the database
+    and so may have been written by anyone."""
+    errors = []
     for name in ("epochs", "batch_size", "log_every", "val_batches", "checkpoint_every",
                  "checkpoint_keep", "buffer_rows", "parallel"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+            errors.append(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_steps is not None and args.max_steps < 1:
-        p.error("--max-steps must be at least 1")
+        errors.append("--max-steps must be at least 1")
     for name in ("workers", "overfit_batches", "early_stopping"):
         if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be 0 or more")
-    _, errors = validate(args.optimizer, args.lr, args.weight_decay, args.dropout, args.grad_clip)
-    if errors:
-        p.error("; ".join(errors.values()))
+            errors.append(f"--{name.replace('_', '-')} must be 0 or more")
+    _, invalid = validate(args.optimizer, args.lr, args.weight_decay, args.dropout,
+                          args.grad_clip)
+    errors.extend(invalid.values())
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    return args
+        errors.append("--device cuda: no CUDA device is available")
+    return errors
+
+
+def run_name(value: str) -> str:
+    """argparse type for --run-name: the rule the board and the Store apply."""
+    try:
+        return clean_run_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def init_scheme(value: str) -> str:
@@ -336,13 +356,61 @@ def resume_options(args: argparse.Namespace, store: Store,
         raise LookupError(f"there is no run {args.resume} in {describe_url(store.url)}")
     if store.latest_checkpoint(args.resume) is None:
         raise LookupError(f"run {args.resume} has no checkpoint to resume from")
+    if store.get_parameters(args.resume) is None:
+        raise LookupError(f"run {args.resume} has no parameters row to steer it with")
     claim_run(args, store, run, stop)
     defaults = vars(parse_args([]))
     given = {k: v for k, v in vars(args).items() if k in RESUMABLE_OVERRIDES
              and v != defaults.get(k)}
     config = run["config"] if isinstance(run["config"], dict) else {}
-    saved = {k: v for k, v in config.items() if k in defaults}
-    return argparse.Namespace(**(defaults | saved | given))
+    try:
+        saved = saved_options(config, defaults)
+    except ValueError as exc:
+        raise LookupError(f"run {args.resume} cannot be resumed: {exc}") from None
+    options = argparse.Namespace(**(defaults | saved | given))
+    if errors := option_errors(options):
+        raise LookupError(f"run {args.resume}'s saved options cannot be used: "
+                          f"{'; '.join(errors)}")
+    return options
+
+
+# Not taken from a saved config: they say how this command reaches the run, not the run.
+NOT_SAVED = ("db", "resume", "wait", "sweep", "parallel")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model": MODEL_NAMES, "device": ("auto", "cpu", "cuda"), "lr_schedule": LR_SCHEDULES,
+}
+
+
+def saved_options(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The options a run's config holds, checked for type and choice: the config comes
+    from the database, where any SQL client may have written it. ValueError names
+    what is wrong."""
+    saved, wrong = {}, []
+    for name, value in config.items():
+        if name not in defaults or name in NOT_SAVED:
+            continue
+        default = defaults[name]
+        kind = type(default) if default is not None else (
+            int if name == "max_steps" else str)
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if default is None and value is None:
+            ok = True
+        if ok and name in CHOICES:
+            ok = value in CHOICES[name]
+        if ok and name == "init":
+            try:
+                init_scheme(value)
+            except argparse.ArgumentTypeError:
+                ok = False
+        if ok:
+            saved[name] = value
+        else:
+            wrong.append(f"{name}={str(value)[:40]!r}")
+    if wrong:
+        raise ValueError(f"its saved options are not valid: {', '.join(wrong)}")
+    return saved
 
 
 def read_restorable(

@@ -432,13 +432,15 @@ class Store:
         config: Mapping[str, Any],
         initial: Hyperparameters,
     ) -> int:
-        """Insert the run, its parameters row (version 1) and its first history row."""
+        """Insert the run, its parameters row (version 1) and its first history row.
+
+        The name follows the board's rule (clean_run_name): ValueError says why not."""
         started = now()
         with self.engine.begin() as conn:
             run_id = conn.execute(
                 insert(s.runs)
                 .values(
-                    name=name,
+                    name=clean_run_name(name),
                     model_name=model_name,
                     dataset=dataset,
                     status="running",
@@ -606,14 +608,16 @@ class Store:
         current = self.get_parameters(run_id)
         if current is None:
             raise KeyError(f"run {run_id} has no parameters row")
-        merged = {k: getattr(current, k) for k in HYPERPARAMETER_FIELDS} | given
-        parsed, errors = validate(**merged)
-        if errors:
-            raise ValueError("; ".join(errors.values()))
+        values: dict[str, Any] = {}
+        if given:  # a stop or pause alone is taken even when the row holds bad values
+            merged = {k: getattr(current, k) for k in HYPERPARAMETER_FIELDS} | given
+            parsed, errors = validate(**merged)
+            if errors:
+                raise ValueError("; ".join(errors.values()))
+            values = {k: getattr(parsed, k) for k in given}
         if rollback_step is not None and rollback_step < 0:
             raise ValueError("rollback step must be 0 or more")
         p = s.parameters
-        values: dict[str, Any] = {k: getattr(parsed, k) for k in given}
         if stop_train is not None:
             values["stop_train"] = bool(stop_train)
         if pause_train is not None:
@@ -701,9 +705,7 @@ class Store:
                 if rows := getattr(batch, name):
                     conn.execute(insert(table), _uniform(run_id, rows))
             if batch.acknowledgements:
-                conn.execute(
-                    insert(s.parameter_changes), _uniform(run_id, batch.acknowledgements)
-                )
+                self._insert_changes(conn, run_id, batch.acknowledgements)
                 last = max(batch.acknowledgements, key=lambda a: a["version"])
                 p = s.parameters
                 conn.execute(
@@ -724,6 +726,16 @@ class Store:
                 run_values["dt_ended"] = batch.ended
             if run_values:
                 conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(**run_values))
+
+    @staticmethod
+    def _insert_changes(conn: Connection, run_id: int, acks: list[dict[str, Any]]) -> None:
+        """History rows for adopted versions, once per version: a resumed trainer adopts
+        the row as it stands, whose version its predecessor may already have recorded."""
+        pc = s.parameter_changes
+        known = set(conn.scalars(select(pc.c.version).where(
+            pc.c.run_id == run_id, pc.c.version.in_({a["version"] for a in acks}))))
+        if new := [a for a in acks if a["version"] not in known]:
+            conn.execute(insert(pc), _uniform(run_id, new))
 
     @staticmethod
     def _abandon_after(conn: Connection, run_id: int, step: int) -> None:

@@ -166,6 +166,23 @@ def test_a_long_bad_value_is_quoted_short(sqlite_url: str) -> None:
     store.close()
 
 
+def test_a_stop_is_written_even_when_the_row_holds_bad_values(db_url: str) -> None:
+    """A resume clears a stop left from before; a row forced past the constraints must
+    not make that, or the board's Stop, fail."""
+    store = Store(db_url)
+    run_id = store.create_run("run", "smallcnn", "mnist5k", {}, START)
+    sql = SqlClient(db_url)
+    force_past_constraints(sql)
+    update_parameters(sql, run_id, {"learning_rate": "-5", "stop_train": "TRUE"})
+    version = store.submit_parameters(run_id, stop_train=False, pause_train=False)
+    state = store.get_parameters(run_id)
+    assert (state.version, state.stop_train, state.learning_rate) == (version, False, -5)
+    with pytest.raises(ValueError, match="learning rate"):  # a new value is still checked
+        store.submit_parameters(run_id, weight_decay=0.1)
+    sql.close()
+    store.close()
+
+
 # -- at the listener -----------------------------------------------------------------
 
 def test_listener_reports_a_bad_version_once_and_keeps_listening(

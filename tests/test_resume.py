@@ -27,6 +27,7 @@ from dashboard.status import LOST_AFTER_SECONDS, heartbeat_age
 from db import schema as s
 from db.store import Store, now
 from tests.test_train_e2e import ROOT, SqlClient, max_step, run_status, trainer, wait_for
+from tests.test_untrusted_files import finished_run, train
 from train import trainer_gone, trainer_identity
 
 
@@ -249,3 +250,58 @@ def test_a_live_pid_without_a_usable_start_time_may_be_the_trainer(started: Any)
 @pytest.mark.parametrize("config", [None, [], "pid 1", 3])
 def test_a_config_that_is_not_an_object_is_not_proof(config: Any) -> None:
     assert not trainer_gone(config)
+
+
+# -- what a resume takes from the database ------------------------------------------
+
+
+@pytest.mark.parametrize("forged", [
+    {"lr": "abc"}, {"model": "../../elsewhere"}, {"epochs": -5}, {"batch_size": 1e9},
+    {"optimizer": "Adam; DROP TABLE runs"}, {"init": "normal:-1"}, {"dropout": True},
+])
+def test_a_resume_refuses_options_forged_in_the_runs_config(
+    tmp_path: Path, sqlite_url: str, forged: dict[str, Any]
+) -> None:
+    """runs.config is written by the trainer, but any SQL client can rewrite it: a resume
+    checks every option it takes from there as the command line would."""
+    sql, run_id = finished_run(tmp_path, sqlite_url)
+    store = Store(sqlite_url)
+    config = store.get_run(run_id)["config"] | forged
+    with store.engine.begin() as conn:
+        conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(config=config))
+    result = train(tmp_path, sqlite_url, "--resume", str(run_id))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert f"run {run_id}" in line and next(iter(forged)) in line, line
+    assert run_status(sql, run_id) == "finished"
+    store.close()
+    sql.close()
+
+
+def test_resuming_twice_records_each_version_once_and_refuses_no_row(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A resumed trainer adopts the parameters row as it stands, whose version the first
+    trainer already recorded: no second history row, no row refused by the database."""
+    sql, run_id = finished_run(tmp_path, sqlite_url)
+    for more in ("20", "30"):
+        result = train(tmp_path, sqlite_url, "--resume", str(run_id), "--max-steps", more)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "refused a row" not in result.stderr, result.stderr[-2000:]
+    versions = [v for (v,) in sql.rows(
+        "SELECT version FROM parameter_changes WHERE run_id = ? ORDER BY version", (run_id,))]
+    assert versions == sorted(set(versions)) and versions
+    assert max_step(sql, run_id) == 30
+    sql.close()
+
+
+@pytest.mark.parametrize("name", ["\u200b\u200d\ufeff", "bell\x07", "   "])
+def test_a_run_name_the_board_would_refuse_is_refused_on_the_command_line(
+    tmp_path: Path, sqlite_url: str, name: str
+) -> None:
+    result = train(tmp_path, sqlite_url, "--run-name", name, "--max-steps", "1")
+    assert result.returncode == 2
+    assert "--run-name" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "training.db").exists() or SqlClient(sqlite_url).one(
+        "SELECT count(*) FROM runs")[0] == 0
