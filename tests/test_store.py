@@ -7,9 +7,10 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.exc import IntegrityError
 
+from db import schema as s
 from db.listener import ParameterListener
 from db.store import Batch, Store, now, resolve_url
 from db.writer import BackgroundWriter
@@ -198,9 +199,12 @@ def test_write_batch_and_acknowledgement(store: Store) -> None:
     assert a["bin_edges"] == [0.0, 0.5, 1.0] and a["counts"] == [3, 4]
     assert store.events(run_id)[0]["message"] == "'; DROP TABLE runs; --"
     assert store.get_run(run_id)["dt_heartbeat"] == applied
-    # parameter_changes never holds a version twice
-    with pytest.raises(IntegrityError):
-        store.write_batch(run_id, Batch(acknowledgements=[ack]))
+    # parameter_changes never holds a version twice: a version adopted again (as a resumed
+    # trainer does) is recorded once, and the database refuses a second row of its own
+    store.write_batch(run_id, Batch(acknowledgements=[ack]))
+    assert [h["version"] for h in store.parameter_changes(run_id)] == [2, 1]
+    with pytest.raises(IntegrityError), store.engine.begin() as conn:
+        conn.execute(insert(s.parameter_changes).values(run_id=run_id, **ack))
 
 
 def test_timestamps_are_utc_and_round_trip(store: Store) -> None:
