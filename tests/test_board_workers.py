@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 import psutil
 from test_concurrent_writers import board_process
+from test_train_e2e import wait_for
 
 from bench.board_refresh import LOG_EVERY, DashPage, fill, stats_row
 from db.store import Batch, Store, now
@@ -44,8 +45,14 @@ def test_gunicorn_workers_serve_the_board(tmp_path: Path, postgres_url: str) -> 
     store = Store(postgres_url)
     run_id, last = fill(store, 200)
     with board_process(postgres_url, tmp_path, "--workers", "2") as (address, master):
-        workers = psutil.Process(master.pid).children()
-        assert len(workers) == 2
+        # The board answers once one worker has booted; gunicorn forks the other beside it
+        # (and would replace one that died), so wait for both rather than race the fork.
+        try:
+            wait_for("2 gunicorn workers",
+                     lambda: len(psutil.Process(master.pid).children()) == 2, timeout=30)
+        except AssertionError as exc:
+            logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("board-*.log"))
+            raise AssertionError(f"{exc}; the board said:\n{logs}") from None
         for _ in range(3):  # a few pages, each on connections of its own
             page = DashPage(port_of(address), run_id)
             page.fire_all(("run-select", "value"))

@@ -30,9 +30,10 @@ def board_process(url: str, tmp_path: Path,
     """board.py in its own process, without credentials, on a free loopback port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BOARD_")}
+    log = (tmp_path / f"board-{port}.log").open("w")  # read by a failing test
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "board.py"), "--db", url, "--port", str(port), *extra],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log,
     )
     address = f"http://127.0.0.1:{port}"
     try:
@@ -49,6 +50,7 @@ def board_process(url: str, tmp_path: Path,
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=30)
+        log.close()
 
 
 def submit(address: str, run_id: int, lr: str) -> dict:
