@@ -395,6 +395,31 @@ def _notification_wait(driver: Any, driver_name: str, payload: str) -> Callable[
     return wait_psycopg2
 
 
+class SqliteCommitWatch:
+    """SQLite's change signal: `PRAGMA data_version` on a connection of our own moves
+    when any other connection commits, so a waiting listener reads the row only then."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+        self.seen = self._version()
+
+    def _version(self) -> int:
+        return self.cursor.execute("PRAGMA data_version").fetchone()[0]
+
+    def wait(self, timeout: float) -> bool:
+        """True once some connection has committed since the last call, within timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            version = self._version()
+            if version != self.seen:
+                self.seen = version
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(SQLITE_WAKE_SECONDS, left))
+
+
 # Batch fields written as plain inserts, in an order that respects foreign keys.
 ROW_TABLES = {
     t.name: t
@@ -659,32 +684,17 @@ class Store:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 conn.exec_driver_sql("LISTEN parameters_changed")
                 notified = _notification_wait(conn.connection.driver_connection,
-                                          self.engine.dialect.driver, str(run_id))
+                                              self.engine.dialect.driver, str(run_id))
                 try:
                     yield notified
                 finally:
                     conn.exec_driver_sql("UNLISTEN parameters_changed")
                 return
-            cursor = conn.connection.driver_connection.cursor()
-            seen = cursor.execute("PRAGMA data_version").fetchone()[0]
-
-            def wait(timeout: float) -> bool:
-                nonlocal seen
-                deadline = time.monotonic() + timeout
-                while True:
-                    version = cursor.execute("PRAGMA data_version").fetchone()[0]
-                    if version != seen:
-                        seen = version
-                        return True
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return False
-                    time.sleep(min(SQLITE_WAKE_SECONDS, left))
-
+            watch = SqliteCommitWatch(conn.connection.driver_connection.cursor())
             try:
-                yield wait
+                yield watch.wait
             finally:
-                cursor.close()
+                watch.cursor.close()
 
     # -- the background writer's one transaction ----------------------------
 
