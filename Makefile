@@ -5,10 +5,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint bench soak schema browser screenshots clean
 
-$(STAMP): requirements.txt
+# The pinned requirements, then this package itself (editable: `import livetrain` sees the
+# work tree), exactly what a user does with `pip install -e .`.
+$(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,9 +41,9 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PYTHON) -m bench.soak --minutes 20
 
-# db/schema.sql is generated from db/schema.py; a test fails when it is stale.
+# db/schema.sql is generated from livetrain/db/schema.py; a test fails when it is stale.
 schema: $(STAMP)
-	$(PYTHON) -m db.schema > db/schema.sql
+	$(PYTHON) -m livetrain.db.schema > db/schema.sql
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,10 +22,10 @@ from dash import Dash
 from flask import Flask
 from sqlalchemy.exc import DBAPIError
 
-from dashboard.app import create_app
-from dashboard.auth import MAX_BODY_BYTES, Credentials, CredentialsError, is_loopback
-from dashboard.context import BoardContext
-from db.store import Store, UnusableDatabaseError, describe_url, make_engine, resolve_url
+from livetrain.board.app import create_app
+from livetrain.board.auth import MAX_BODY_BYTES, Credentials, CredentialsError, is_loopback
+from livetrain.board.context import BoardContext
+from livetrain.db.store import Store, UnusableDatabaseError, describe_url, make_engine, resolve_url
 
 SERVER_THREADS = 4  # a page fires a handful of small callbacks per refresh
 

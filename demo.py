@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from db.store import UnusableDatabaseError, describe_url, open_store, resolve_url
+from livetrain.db.store import UnusableDatabaseError, describe_url, open_store, resolve_url
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_TRAIN_ARGS = ["--epochs", "100", "--log-every", "10"]

@@ -34,20 +34,19 @@ from torch import nn
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-import sweep
-from allocator import keep_freed_memory
-from checkpointing import (
-    Checkpoint,
-    CheckpointRefusedError,
-    CheckpointRing,
-    Restorable,
-    read_checkpoint,
-    restorable,
+from livetrain.db.contract import (
+    DEFAULTS,
+    DROPOUT_MAX,
+    LIVE_STATUSES,
+    LOST_AFTER_SECONDS,
+    OPTIMIZERS,
+    Hyperparameters,
+    effective_status,
+    heartbeat_age,
+    validate,
 )
-from dashboard.status import LIVE_STATUSES, LOST_AFTER_SECONDS, effective_status, heartbeat_age
-from data_preparation import DATASETS, DatasetUnavailable, load_datasets, make_loaders
-from db.listener import ParameterListener
-from db.store import (
+from livetrain.db.listener import ParameterListener
+from livetrain.db.store import (
     ParameterState,
     Store,
     UnusableDatabaseError,
@@ -57,12 +56,28 @@ from db.store import (
     open_store,
     resolve_url,
 )
-from db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
-from diagnostics import Diagnostician, LayerRecord, StepRecord
-from distributed import Ranks
-from hyperparams import DEFAULTS, DROPOUT_MAX, OPTIMIZERS, Hyperparameters, validate
-from models import MODEL_NAMES, ModelUnavailable, build_model, initialize, set_dropout
-from steering import (
+from livetrain.db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
+from livetrain.playground import sweep
+from livetrain.playground.data import DATASETS, DatasetUnavailable, load_datasets, make_loaders
+from livetrain.playground.models import (
+    MODEL_NAMES,
+    ModelUnavailable,
+    build_model,
+    initialize,
+    set_dropout,
+)
+from livetrain.trainer.allocator import keep_freed_memory
+from livetrain.trainer.checkpointing import (
+    Checkpoint,
+    CheckpointRefusedError,
+    CheckpointRing,
+    Restorable,
+    read_checkpoint,
+    restorable,
+)
+from livetrain.trainer.diagnostics import Diagnostician, LayerRecord, StepRecord
+from livetrain.trainer.distributed import Ranks
+from livetrain.trainer.steering import (
     LR_SCHEDULES,
     apply_parameters,
     build_optimizer,
@@ -70,7 +85,7 @@ from steering import (
     schedule_factor,
     trainable,
 )
-from telemetry import (
+from livetrain.trainer.telemetry import (
     IntervalMetrics,
     LayerProbe,
     Progress,

@@ -42,15 +42,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import create_engine, make_url
+
+from bench import budget
+from livetrain.board.downsample import MAX_POINTS
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Batch, Store, now, resolve_url
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from sqlalchemy import create_engine, make_url  # noqa: E402
-
-from bench import budget  # noqa: E402
-from dashboard.downsample import MAX_POINTS  # noqa: E402
-from db.store import Batch, Store, now, resolve_url  # noqa: E402
-from hyperparams import DEFAULTS, Hyperparameters  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 LOG_EVERY = 10

@@ -19,9 +19,9 @@ from pathlib import Path
 import psycopg
 
 from bench import budget
-from db.store import Store, now
-from db.writer import BackgroundWriter
-from hyperparams import Hyperparameters
+from livetrain.db.contract import Hyperparameters
+from livetrain.db.store import Store, now
+from livetrain.db.writer import BackgroundWriter
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -34,7 +34,7 @@ from bench.board_refresh import (
     fill,
     stats_row,
 )
-from db.store import Batch, Store, now
+from livetrain.db.store import Batch, Store, now
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_STEP = 1_000

@@ -66,10 +66,9 @@ def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) 
     import torch
     from torch import nn
 
-    sys.path.insert(0, str(ROOT))
     if variant == "ours":
         import train
-        from db.store import Store
+        from livetrain.db.store import Store
 
         train.main(["--db", db, "--max-steps", str(steps), "--log-every", str(log_every),
                     "--no-progress", "--checkpoint-dir", str(Path(logdir) / "ck"),
@@ -79,9 +78,9 @@ def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) 
         store.close()
         return (rows[-1]["dt"] - rows[0]["dt"]).total_seconds()
 
-    from data_preparation import load_datasets, make_loaders
-    from models import build_model, monitored_layers
-    from telemetry import evaluate
+    from livetrain.playground.data import load_datasets, make_loaders
+    from livetrain.playground.models import build_model, monitored_layers
+    from livetrain.trainer.telemetry import evaluate
 
     torch.manual_seed(0)
     train_set, val_set, info = load_datasets("mnist5k")

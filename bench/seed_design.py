@@ -26,7 +26,7 @@ import psycopg
 from sqlalchemy import make_url
 
 from bench.board_refresh import database, fill
-from db.store import Store
+from livetrain.db.store import Store
 
 SQL = {  # the drivers' own placeholders
     "sqlite": ("SELECT * FROM parameters WHERE run_id = ?",

@@ -27,7 +27,7 @@ import psutil
 
 from bench import budget
 from bench.board_refresh import DashPage, board
-from db.store import Store
+from livetrain.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_EVERY = 50  # train.py's default

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.auth import Credentials, is_loopback, output_ids
-from db.store import Store
-from hyperparams import DEFAULTS, Hyperparameters
+from livetrain.board.auth import Credentials, is_loopback, output_ids
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from dash import html
 
-from dashboard.callbacks_activations import update_activations
-from dashboard.callbacks_changes import change_tokens
-from dashboard.callbacks_controls import (
+from livetrain.board.callbacks_activations import update_activations
+from livetrain.board.callbacks_changes import change_tokens
+from livetrain.board.callbacks_controls import (
     apply_status,
     field_errors,
     lr_to_slider,
@@ -26,15 +26,15 @@ from dashboard.callbacks_controls import (
     submit_parameters,
     sync_fields,
 )
-from dashboard.callbacks_curves import update_curves
-from dashboard.callbacks_history import update_history
-from dashboard.callbacks_runs import choose_run, refresh_settings, run_header, start_command
-from dashboard.context import BoardContext
-from dashboard.downsample import MAX_POINTS
-from dashboard.figures import change_description, plotly_text
-from dashboard.smoothing import ema
-from db.store import Batch, Store, now
-from hyperparams import DEFAULTS, Hyperparameters
+from livetrain.board.callbacks_curves import update_curves
+from livetrain.board.callbacks_history import update_history
+from livetrain.board.callbacks_runs import choose_run, refresh_settings, run_header, start_command
+from livetrain.board.context import BoardContext
+from livetrain.board.downsample import MAX_POINTS
+from livetrain.board.figures import change_description, plotly_text
+from livetrain.board.smoothing import ema
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Batch, Store, now
 
 INITIAL = Hyperparameters(**DEFAULTS)
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
+from test_board_callbacks import acknowledge, log_steps, new_run, text_of
 
-from dashboard.callbacks_compare import REBUILD_POINTS, chosen_ids, decode, update_comparison
-from dashboard.context import BoardContext
-from dashboard.downsample import MAX_POINTS
-from dashboard.figures_compare import PALETTE, change_summaries, run_colors, short_number
-from db.board_queries import COMPARE_MAX
-from db.store import Batch, Store, now
-from tests.test_board_callbacks import acknowledge, log_steps, new_run, text_of
+from livetrain.board.callbacks_compare import REBUILD_POINTS, chosen_ids, decode, update_comparison
+from livetrain.board.context import BoardContext
+from livetrain.board.downsample import MAX_POINTS
+from livetrain.board.figures_compare import PALETTE, change_summaries, run_colors, short_number
+from livetrain.db.board_queries import COMPARE_MAX
+from livetrain.db.store import Batch, Store, now
 
 
 @pytest.fixture

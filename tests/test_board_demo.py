@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from db.store import Store
+from livetrain.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_board_auth import free_port, rename_payload, submit_payload
+from test_board_callbacks import log_steps, new_run
 
-from dashboard.app import create_app
-from dashboard.auth import MAX_BODY_BYTES
-from dashboard.context import BoardContext
-from db.store import Store
-from tests.test_board_auth import free_port, rename_payload, submit_payload
-from tests.test_board_callbacks import log_steps, new_run
+from livetrain.board.app import create_app
+from livetrain.board.auth import MAX_BODY_BYTES
+from livetrain.board.context import BoardContext
+from livetrain.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "cöach", "pässwörd"

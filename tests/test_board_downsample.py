@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dashboard.downsample import downsample, minmax_indices
-from dashboard.smoothing import ema
+from livetrain.board.downsample import downsample, minmax_indices
+from livetrain.board.smoothing import ema
 
 values = st.floats(allow_nan=True, allow_infinity=True, width=64)
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from board import open_store
-from dashboard.app import create_app
-from dashboard.context import BoardContext
-from db.store import Store
-from hyperparams import DEFAULTS, Hyperparameters
+from livetrain.board.app import create_app
+from livetrain.board.context import BoardContext
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Store
 
 RUNS_OUTPUT = ("..run-select.options...run-select.value...compare-select.options..."
                "empty-state.className...board-body.className...db-alert.className..")

@@ -11,9 +11,9 @@ from typing import Any
 
 from sqlalchemy import event
 
-from db.board_queries import BoardQueries
-from db.store import Batch, Store, now
-from hyperparams import DEFAULTS, Hyperparameters
+from livetrain.db.board_queries import BoardQueries
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Batch, Store, now
 
 
 def seed(store: Store) -> int:

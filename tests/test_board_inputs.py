@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 from dash import Dash
+from test_board_callbacks import log_steps, new_run, text_of
 
-from dashboard.app import create_app
-from dashboard.auth import READ_BODY_BYTES, Credentials
-from dashboard.callbacks_run_edit import edit_run
-from dashboard.callbacks_runs import choose_run, run_header
-from dashboard.context import BoardContext
-from dashboard.display import NAME_SHOWN
-from dashboard.request_checks import MalformedRequestError, check_envelope
-from db.store import Store
-from tests.test_board_callbacks import log_steps, new_run, text_of
+from livetrain.board.app import create_app
+from livetrain.board.auth import READ_BODY_BYTES, Credentials
+from livetrain.board.callbacks_run_edit import edit_run
+from livetrain.board.callbacks_runs import choose_run, run_header
+from livetrain.board.context import BoardContext
+from livetrain.board.display import NAME_SHOWN
+from livetrain.board.request_checks import MalformedRequestError, check_envelope
+from livetrain.db.store import Store
 
 HOSTILE = [[1, 2], 10**30, -(10**30), "abc", {"a": 1}, -1, True, 1.5, None, "\x00", [[[]]]]
 

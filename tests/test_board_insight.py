@@ -12,23 +12,24 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from test_board_callbacks import INITIAL, log_steps, new_run, text_of
 
-from dashboard import callbacks_insight
-from dashboard.callbacks_alerts import (
+from livetrain.board import callbacks_insight
+from livetrain.board.callbacks_alerts import (
     apply_fix,
     clicked_fix,
     fix_id,
     fix_label,
     update_alerts,
 )
-from dashboard.callbacks_controls import (
+from livetrain.board.callbacks_controls import (
     apply_status,
     field_errors,
     submit_parameters,
     sync_fields,
 )
-from dashboard.callbacks_curves import update_curves
-from dashboard.callbacks_insight import (
+from livetrain.board.callbacks_curves import update_curves
+from livetrain.board.callbacks_insight import (
     DEFAULT_LAYERS,
     WINDOW_STEPS,
     layer_choices,
@@ -36,16 +37,15 @@ from dashboard.callbacks_insight import (
     update_layer_charts,
     update_system,
 )
-from dashboard.callbacks_recovery import (
+from livetrain.board.callbacks_recovery import (
     recovery_view,
     request_rollback,
     rollback_message,
     toggle_pause,
 )
-from dashboard.context import BoardContext
-from dashboard.figures import ABANDONED_COLORS
-from db.store import Batch, Store, now
-from tests.test_board_callbacks import INITIAL, log_steps, new_run, text_of
+from livetrain.board.context import BoardContext
+from livetrain.board.figures import ABANDONED_COLORS
+from livetrain.db.store import Batch, Store, now
 
 LAYERS = [f"features.{i}" for i in range(10)] + ["classifier.1"]
 

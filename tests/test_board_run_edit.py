@@ -7,15 +7,15 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from test_board_callbacks import new_run, text_of
 
-from dashboard.callbacks_controls import submit_parameters
-from dashboard.callbacks_run_edit import edit_run, parse_tags, sync_run_fields
-from dashboard.callbacks_runs import choose_run, run_header
-from dashboard.context import BoardContext
-from db import schema as s
-from db.board_queries import RUN_LIST_LIMIT
-from db.store import RUN_NAME_MAX, TAG_MAX, TAGS_MAX, Store
-from tests.test_board_callbacks import new_run, text_of
+from livetrain.board.callbacks_controls import submit_parameters
+from livetrain.board.callbacks_run_edit import edit_run, parse_tags, sync_run_fields
+from livetrain.board.callbacks_runs import choose_run, run_header
+from livetrain.board.context import BoardContext
+from livetrain.db import schema as s
+from livetrain.db.board_queries import RUN_LIST_LIMIT
+from livetrain.db.store import RUN_NAME_MAX, TAG_MAX, TAGS_MAX, Store
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from test_concurrent_writers import board_process
 from test_train_e2e import wait_for
 
 from bench.board_refresh import LOG_EVERY, DashPage, fill, stats_row
-from db.store import Batch, Store, now
+from livetrain.db.store import Batch, Store, now
 
 REFRESH = ("refresh-interval", "n_intervals")
 

@@ -30,10 +30,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
-
-from db.store import Batch, Store, now
-from hyperparams import DEFAULTS, Hyperparameters
-from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
+from test_browser_board import (  # noqa: F401 - browser is a fixture
     WAIT,
     browser,
     free_port,
@@ -45,7 +42,10 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
     until,
     wait_for_http,
 )
-from tests.test_browser_insight import save_section_screenshot
+from test_browser_insight import save_section_screenshot
+
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Batch, Store, now
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = "compare.png"  # in docs/ under `make screenshots`, see screenshot_path

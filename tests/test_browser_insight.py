@@ -22,9 +22,7 @@ from pathlib import Path
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
-
-from db.store import Store
-from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
+from test_browser_board import (  # noqa: F401 - browser is a fixture
     TRAINER_ENV,
     WAIT,
     browser,
@@ -36,6 +34,8 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
     until,
     wait_for_http,
 )
+
+from livetrain.db.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOT = "insight.png"  # in docs/ under `make screenshots`, see screenshot_path

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 from selenium.webdriver.remote.webdriver import WebDriver
-
-from dashboard.display import NAME_SHOWN, TITLE_MAX
-from db.store import Store
-from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
+from test_browser_board import (  # noqa: F401 - browser is a fixture
     ROOT,
     browser,
     free_port,
@@ -26,7 +23,10 @@ from tests.test_browser_board import (  # noqa: F401 - browser is a fixture
     until,
     wait_for_http,
 )
-from tests.test_browser_compare import BEST, finished_run, overlay, pick, table_row
+from test_browser_compare import BEST, finished_run, overlay, pick, table_row
+
+from livetrain.board.display import NAME_SHOWN, TITLE_MAX
+from livetrain.db.store import Store
 
 HUGE = "N" * 100_000  # unbroken: no place for the browser to wrap it
 LONG = "W" * 10_000

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_browser_board import free_port, wait_for_http
 
-from db.store import CONNECT_SECONDS, UnusableDatabaseError, open_store
-from tests.test_browser_board import free_port, wait_for_http
+from livetrain.db.store import CONNECT_SECONDS, UnusableDatabaseError, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_DATASET = ["--dataset", "/no/such/dataset/folder", "--no-progress"]

@@ -16,9 +16,9 @@ import psycopg
 import pytest
 from test_train_e2e import SqlClient, max_step, run_status, statistics, trainer, wait_for
 
-from db.listener import ParameterListener
-from db.store import Store
-from hyperparams import Hyperparameters
+from livetrain.db.contract import Hyperparameters
+from livetrain.db.listener import ParameterListener
+from livetrain.db.store import Store
 
 START = Hyperparameters("Adam", 3e-4, 0.0, 50)
 
@@ -192,7 +192,7 @@ def test_listener_reports_a_bad_version_once_and_keeps_listening(
     run_id = store.create_run("run", "smallcnn", "mnist5k", {}, START)
     sql = SqlClient(db_url)
     force_past_constraints(sql)
-    caplog.set_level(logging.WARNING, logger="db.listener")
+    caplog.set_level(logging.WARNING, logger="livetrain.db.listener")
     listener = ParameterListener(store, run_id, seen_version=1, poll_seconds=0.2)
     try:
         assert listener.connected.wait(10)

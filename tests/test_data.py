@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import get_dataset
-from data_preparation import DatasetUnavailable, load_datasets, make_loaders
+from livetrain.playground.data import DatasetUnavailable, load_datasets, make_loaders
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diagnostics import (
+from livetrain.trainer.diagnostics import (
     ACTIVATION_STD_FACTOR,
     ACTIVATION_STD_HIGH,
     ACTIVATION_STD_LOW,

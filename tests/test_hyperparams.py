@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, insert, text
 from sqlalchemy.exc import IntegrityError
 
-from db.schema import metadata, parameters, runs
-from hyperparams import DROPOUT_MAX, LR_MAX, OPTIMIZERS, WEIGHT_DECAY_MAX, validate
+from livetrain.db.contract import DROPOUT_MAX, LR_MAX, OPTIMIZERS, WEIGHT_DECAY_MAX, validate
+from livetrain.db.schema import metadata, parameters, runs
 
 anything = st.one_of(
     st.none(), st.booleans(), st.text(max_size=12), st.integers(), st.floats(),

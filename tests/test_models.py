@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from data_preparation import load_datasets
-from models import (
+from livetrain.playground.data import load_datasets
+from livetrain.playground.models import (
     MODEL_NAMES,
     ModelUnavailable,
     build_model,

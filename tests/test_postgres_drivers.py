@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import test_store as contract
 from sqlalchemy import make_url
 
-import tests.test_store as contract
-from db.store import Store, resolve_url
-from hyperparams import DEFAULTS, Hyperparameters
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Store, resolve_url
 from tests.test_train_e2e import SqlClient, run_status, trainer, wait_for
 
 

@@ -22,12 +22,12 @@ from typing import Any
 import psutil
 import pytest
 from sqlalchemy import update
+from test_train_e2e import ROOT, SqlClient, max_step, run_status, trainer, wait_for
+from test_untrusted_files import finished_run, train
 
-from dashboard.status import LOST_AFTER_SECONDS, heartbeat_age
-from db import schema as s
-from db.store import Store, now
-from tests.test_train_e2e import ROOT, SqlClient, max_step, run_status, trainer, wait_for
-from tests.test_untrusted_files import finished_run, train
+from livetrain.db import schema as s
+from livetrain.db.contract import LOST_AFTER_SECONDS, heartbeat_age
+from livetrain.db.store import Store, now
 from train import trainer_gone, trainer_identity
 
 

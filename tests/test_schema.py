@@ -20,9 +20,9 @@ from sqlalchemy import (
     text,
 )
 
-from db.schema import add_missing_columns, metadata, postgresql_ddl
-from db.store import Store
-from hyperparams import DEFAULTS, Hyperparameters
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.schema import add_missing_columns, metadata, postgresql_ddl
+from livetrain.db.store import Store
 
 SCHEMA_SQL = Path(__file__).resolve().parent.parent / "db" / "schema.sql"
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hyperparams import Hyperparameters
-from models import build_model
-from steering import apply_parameters, build_optimizer, learning_rate_in_force, trainable
+from livetrain.db.contract import Hyperparameters
+from livetrain.playground.models import build_model
+from livetrain.trainer.steering import (
+    apply_parameters,
+    build_optimizer,
+    learning_rate_in_force,
+    trainable,
+)
 
 
 def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, n: int) -> None:

@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.exc import IntegrityError
 
-from db import schema as s
-from db.listener import ParameterListener
-from db.store import Batch, Store, now, resolve_url
-from db.writer import BackgroundWriter
-from hyperparams import Hyperparameters
+from livetrain.db import schema as s
+from livetrain.db.contract import Hyperparameters
+from livetrain.db.listener import ParameterListener
+from livetrain.db.store import Batch, Store, now, resolve_url
+from livetrain.db.writer import BackgroundWriter
 
 START = Hyperparameters("Adam", 3e-4, 0.0, 50)
 

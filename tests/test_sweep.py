@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import sweep
-from db.store import Store
+from livetrain.db.store import Store
+from livetrain.playground import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

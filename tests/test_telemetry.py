@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from telemetry import HISTOGRAM_SAMPLE, LayerProbe, activation_summary, evaluate, histograms
+from livetrain.trainer.telemetry import (
+    HISTOGRAM_SAMPLE,
+    LayerProbe,
+    activation_summary,
+    evaluate,
+    histograms,
+)
 
 
 def test_activation_summary_counts_dead_units_and_zeros() -> None:

@@ -17,8 +17,8 @@ import pytest
 import torch
 from sqlalchemy import make_url
 
-from dashboard.status import effective_status
-from db.store import Store, now
+from livetrain.db.contract import effective_status
+from livetrain.db.store import Store, now
 
 ROOT = Path(__file__).resolve().parent.parent
 

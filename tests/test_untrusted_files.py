@@ -21,18 +21,18 @@ import pytest
 import torch
 from test_train_e2e import SqlClient, max_step, run_status, trainer, wait_for
 
-from checkpointing import (
+from livetrain.db.contract import DEFAULTS, OPTIMIZERS, Hyperparameters
+from livetrain.db.store import Batch, Store, event_row, now
+from livetrain.db.writer import SPILL_FORMAT, BackgroundWriter, SpillFiles
+from livetrain.playground.models import build_model
+from livetrain.trainer.checkpointing import (
     Checkpoint,
     CheckpointRefusedError,
     CheckpointRing,
     read_checkpoint,
     restorable,
 )
-from db.store import Batch, Store, event_row, now
-from db.writer import SPILL_FORMAT, BackgroundWriter, SpillFiles
-from hyperparams import DEFAULTS, OPTIMIZERS, Hyperparameters
-from models import build_model
-from steering import build_optimizer, trainable
+from livetrain.trainer.steering import build_optimizer, trainable
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ("--model", "tinycnn", "--log-every", "5", "--val-batches", "1", "--no-progress")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from test_train_e2e import wait_for
 
-from db.store import Store, now
-from db.writer import BackgroundWriter
-from hyperparams import DEFAULTS, Hyperparameters
+from livetrain.db.contract import DEFAULTS, Hyperparameters
+from livetrain.db.store import Store, now
+from livetrain.db.writer import BackgroundWriter
 
 
 def statistics_row(step: int) -> dict:

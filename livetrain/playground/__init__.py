@@ -1,0 +1,1 @@
+"""What train.py, the playground CLI, trains: the CNNs, the datasets, sweeps."""

@@ -1,0 +1,1 @@
+"""The trainer side: what runs inside the training process, beside the loop."""
