@@ -1,20 +1,24 @@
 """Trainer overhead: this project's trainer against a bare loop and TensorBoard's writer.
 
-Three ways to run the same steps (small CNN, mnist5k, Adam, batch 64, validation
+Four ways to run the same steps (small CNN, mnist5k, Adam, batch 64, validation
 on 10 batches every --log-every steps and on the whole validation set at each
 epoch's end and the last step, train.py's schedule), each in a fresh process,
-interleaved in rounds (A B C, A B C, ...):
+interleaved in rounds (A B C D, A B C D, ...):
   bare         a plain PyTorch loop;
   ours         train.py with its defaults (control listener, background writer,
                per-layer telemetry and diagnostics every log);
+  api          the bare loop as a user writes it around `livetrain.LiveRun`:
+               run.step() after each optimizer step, and a `validate` callable
+               that runs the same validation batches as train.py;
   tensorboard  the bare loop plus torch.utils.tensorboard.SummaryWriter logging
                the same scalars and the same histograms (activations, weights,
                updates per layer).
 Each process times the same span: from the end of the step-0 validation to the
 end of the last log. Per back end, prints each variant's fastest time per step and
-its ratio to bare's fastest -- the figure the budget is checked on -- and, beside
-it, the median and the range of its ratios to bare within a round; then the three
-again with a log (validation and telemetry) on every step, a shorter run.
+its ratio to bare's fastest -- the figure the budgets of ours and api are checked
+on -- and, beside it, the median and the range of its ratios to bare within a
+round; then the four again with a log (validation and telemetry) on every step, a
+shorter run.
 
 Why the fastest: the time of one identical run varies from process to process on
 this machine (other processes, the hypervisor), and that noise only ever adds
@@ -32,8 +36,8 @@ Every variant runs torch on one intra-op thread (--threads 1). With two threads 
 this 2-core machine the same loop's time differs by up to 7 % from one process to
 the next (measured: 9.2 to 10.6 s for identical runs), more than the 3 % budget;
 with one thread the spread is about 2 %. The second core is then free for what a
-real machine gives it: the database server and the background threads of ours and
-of TensorBoard's writer alike.
+real machine gives it: the database server and the background threads of ours, of
+api and of TensorBoard's writer alike.
 
     python -m bench.overhead [--rounds 7] [--steps 400] [--every-step-steps 60]
                              [--backends sqlite,postgresql]
@@ -57,7 +61,7 @@ from bench import budget
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-VARIANTS = ("bare", "ours", "tensorboard")
+VARIANTS = ("bare", "ours", "api", "tensorboard")
 VALIDATION_BATCHES = 10  # train.py's --val-batches default
 
 
