@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# Trainer overhead at the default cadence, as a ratio to a bare PyTorch loop.
+# Trainer overhead at the default cadence, as a ratio to a bare PyTorch loop: train.py
+# ("ours") and LiveRun in a plain user loop ("api") alike.
 OVERHEAD_RATIO = 1.03
 # Control latency p95, beyond one training step.
 CONTROL_SLACK_MS = {"postgresql": 50.0, "sqlite": 250.0}

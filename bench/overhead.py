@@ -56,6 +56,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from bench import budget
 
@@ -65,6 +66,79 @@ VARIANTS = ("bare", "ours", "api", "tensorboard")
 VALIDATION_BATCHES = 10  # train.py's --val-batches default
 
 
+def playground() -> tuple[Any, Any, Any, Any, int]:
+    """What bare, api and tensorboard train: train.py's defaults (smallcnn with dropout
+    50 % on mnist5k, batch 64, Adam at 3e-4), built the same way in each.
+    Returns (model, optimizer, train loader, validation loader, classes)."""
+    import torch
+
+    from livetrain.playground.data import load_datasets, make_loaders
+    from livetrain.playground.models import build_model
+
+    torch.manual_seed(0)
+    train_set, val_set, info = load_datasets("mnist5k")
+    train_loader, val_loader = make_loaders(train_set, val_set, 64)
+    model = build_model("smallcnn", info.num_classes, info.in_channels, info.image_size, 0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    return model, optimizer, train_loader, val_loader, info.num_classes
+
+
+def logged_span(db: str) -> float:
+    """Seconds from the newest run's step-0 log to its last log, from the `dt` of its
+    statistics rows (stamped right after each log's validation, as bare's span starts
+    after its step-0 validation and ends after its last)."""
+    from livetrain.db.store import Store
+
+    store = Store(db)
+    try:
+        rows = store.statistics(store.list_runs(1)[0]["run_id"])
+    finally:
+        store.close()
+    if rows[0]["step"] != 0:
+        raise RuntimeError(f"the run's first log is at step {rows[0]['step']}, not step 0")
+    return (rows[-1]["dt"] - rows[0]["dt"]).total_seconds()
+
+
+def run_api(steps: int, log_every: int, db: str, logdir: str) -> float:
+    """The bare loop as a user writes it around LiveRun: run.optimizer in the loop,
+    run.step() after each update, and a validate callable that runs train.py's
+    validation (10 batches at a log; all of them, given `full`, at an epoch's end and at
+    the last step, which LiveRun asks for from steps_per_epoch and max_steps)."""
+    import torch
+    from torch import nn
+
+    from livetrain import LiveRun
+    from livetrain.trainer.telemetry import evaluate
+
+    model, optimizer, train_loader, val_loader, classes = playground()
+
+    def validate(full: bool = False) -> dict[str, float]:
+        loss, accuracy = evaluate(model, val_loader, torch.device("cpu"),
+                                  max_batches=None if full else VALIDATION_BATCHES)
+        return {"loss": loss, "accuracy": accuracy}
+
+    with LiveRun(model, optimizer, db=db, name="bench-api", log_every=log_every,
+                 validate=validate, num_classes=classes, steps_per_epoch=len(train_loader),
+                 max_steps=steps, checkpoint_dir=Path(logdir) / "ck",
+                 checkpoint_every=10 * steps, model_name="smallcnn",
+                 dataset="mnist5k") as run:
+        while not run.should_stop:
+            for x, y in train_loader:
+                out = model(x)
+                loss = nn.functional.cross_entropy(out, y)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+                run.step(loss=loss, outputs=out, targets=y)
+                if run.should_stop:
+                    break
+            else:
+                run.epoch += 1
+    if run.global_step != steps:
+        raise RuntimeError(f"the api run ended at step {run.global_step}, not {steps}")
+    return logged_span(db)
+
+
 def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) -> float:
     """Seconds for `steps` steps with their logs, measured inside a fresh process."""
     import torch
@@ -72,25 +146,18 @@ def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) 
 
     if variant == "ours":
         import train
-        from livetrain.db.store import Store
 
         train.main(["--db", db, "--max-steps", str(steps), "--log-every", str(log_every),
                     "--no-progress", "--checkpoint-dir", str(Path(logdir) / "ck"),
                     "--checkpoint-every", str(10 * steps)])
-        store = Store(db)
-        rows = store.statistics(store.list_runs(1)[0]["run_id"])
-        store.close()
-        return (rows[-1]["dt"] - rows[0]["dt"]).total_seconds()
+        return logged_span(db)
+    if variant == "api":
+        return run_api(steps, log_every, db, logdir)
 
-    from livetrain.playground.data import load_datasets, make_loaders
-    from livetrain.playground.models import build_model, monitored_layers
+    from livetrain.playground.models import monitored_layers
     from livetrain.trainer.telemetry import evaluate
 
-    torch.manual_seed(0)
-    train_set, val_set, info = load_datasets("mnist5k")
-    train_loader, val_loader = make_loaders(train_set, val_set, 64)
-    model = build_model("smallcnn", info.num_classes, info.in_channels, info.image_size, 0.5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    model, optimizer, train_loader, val_loader, _ = playground()
     board = None
     captured: dict[str, torch.Tensor] = {}
     layers = monitored_layers(model)
@@ -238,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                            budget.OVERHEAD_RATIO, "x"),
             budget.Verdict(f"trainer overhead {backend}, x bare, below TensorBoard's",
                            default["ours"][1], default["tensorboard"][1], "x"),
+            budget.Verdict(f"LiveRun in a plain loop (api) {backend}, x bare",
+                           default["api"][1], budget.OVERHEAD_RATIO, "x"),
         ]
         if args.every_step_steps:
             every = interleaved(backend, args.every_step_steps, 1, args.every_step_rounds,
