@@ -28,7 +28,7 @@ from test_untrusted_files import finished_run, train
 from livetrain.db import schema as s
 from livetrain.db.contract import LOST_AFTER_SECONDS, heartbeat_age
 from livetrain.db.store import Store, now
-from train import trainer_gone, trainer_identity
+from livetrain.trainer.ownership import trainer_gone, trainer_identity
 
 
 def started_run(tmp_path: Path, url: str, proc: subprocess.Popen) -> tuple[SqlClient, int]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from train import StopSignal
+from livetrain.trainer.signals import StopSignal
 
 
 @pytest.fixture

@@ -111,14 +111,15 @@ def _state_problem(state: Any, checkpoint: Checkpoint, run_id: int) -> str | Non
     return None
 
 
-def restorable(state: dict[str, Any], model: nn.Module, checkpoint: Checkpoint) -> Restorable:
-    """Check a state read from `checkpoint` against `model` and build its optimizer;
-    CheckpointRefusedError says why it does not fit. The model is not touched, so a refusal
-    changes nothing."""
+def restorable(state: dict[str, Any], model: nn.Module, checkpoint: Checkpoint,
+               like: torch.optim.Optimizer | None = None) -> Restorable:
+    """Check a state read from `checkpoint` against `model` and build its optimizer, over
+    the param groups of `like` (the live optimizer) when given; CheckpointRefusedError
+    says why it does not fit. Nothing live is touched, so a refusal changes nothing."""
     try:
         parameters = _parameters(state["parameters"])
         _check_weights(state["model"], model.state_dict())
-        optimizer = _optimizer(parameters, model, state["optimizer"])
+        optimizer = _optimizer(parameters, _groups(parameters, model, like), state["optimizer"])
     except ValueError as exc:
         raise CheckpointRefusedError(f"checkpoint {checkpoint.path} refused: {exc}") from None
     return Restorable(parameters, state["model"], optimizer)
@@ -143,12 +144,28 @@ def _check_weights(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor
         raise ValueError(f"its weights do not fit this model ({', '.join(misfits[:3])})")
 
 
+def _groups(parameters: Hyperparameters, model: nn.Module,
+            like: torch.optim.Optimizer | None) -> list[dict[str, Any]]:
+    """The param groups of the optimizer to restore: the live one's, with their lr and
+    weight-decay ratios to group 0 kept and group 0 at the saved values."""
+    if like is None:
+        return [{"params": trainable(model)}]
+    base = like.param_groups[0]
+    groups = []
+    for group in like.param_groups:
+        lr = parameters.learning_rate * (group["lr"] / base["lr"] if base["lr"] else 1.0)
+        decay = parameters.weight_decay * (group["weight_decay"] / base["weight_decay"]
+                                           if base["weight_decay"] else 1.0)
+        groups.append({"params": group["params"], "lr": lr, "weight_decay": decay})
+    return groups
+
+
 def _optimizer(
-    parameters: Hyperparameters, model: nn.Module, saved: dict[str, Any]
+    parameters: Hyperparameters, groups: list[dict[str, Any]], saved: dict[str, Any]
 ) -> torch.optim.Optimizer:
     """A new optimizer with the saved state; its settings are ours (built from validated
     parameters), only the moments and step counts come from the file."""
-    optimizer = build_optimizer(parameters.optimizer, trainable(model),
+    optimizer = build_optimizer(parameters.optimizer, groups,
                                 parameters.learning_rate, parameters.weight_decay)
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     try:

@@ -159,8 +159,8 @@ def rule_initial_loss(history: Sequence[StepRecord], num_classes: int) -> list[F
     """
     record = history[-1]
     loss = record.validate_loss
-    if record.step != 0 or loss is None or not math.isfinite(loss):
-        return []
+    if record.step != 0 or loss is None or not math.isfinite(loss) or num_classes < 2:
+        return []  # not a classifier, or one whose classes are unknown: no chance level
     expected = math.log(num_classes)
     if abs(loss - expected) <= INITIAL_LOSS_TOLERANCE * expected:
         return []
@@ -356,7 +356,7 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
     if len(window) < LOSS_FLAT_LOGS or not all(math.isfinite(x) for x in losses):
         return []
     level = fmean(losses)
-    if level <= LOSS_FLAT_FLOOR * math.log(num_classes):
+    if num_classes >= 2 and level <= LOSS_FLAT_FLOOR * math.log(num_classes):
         return []
     steps = [r.step for r in window]
     change = linear_regression(steps, losses).slope * (steps[-1] - steps[0]) / level
@@ -528,8 +528,10 @@ class Diagnostician:
     forgotten, so what is still wrong on the new branch is reported afresh.
     """
 
-    def __init__(self, num_classes: int) -> None:
-        if num_classes < 2:
+    def __init__(self, num_classes: int | None) -> None:
+        """`num_classes` None: not a classifier (or not yet known); the rules that compare
+        with chance level stay silent."""
+        if num_classes is not None and num_classes < 2:
             raise ValueError(f"need at least 2 classes, got {num_classes}")
         self.num_classes = num_classes
         self._history: deque[StepRecord] = deque(maxlen=HISTORY_LOGS)
@@ -561,7 +563,7 @@ class Diagnostician:
             self._active.clear()
         self._history.append(record)
         history = tuple(self._history)
-        current = [finding for rule in RULES for finding in rule(history, self.num_classes)]
+        current = [finding for rule in RULES for finding in rule(history, self.num_classes or 0)]
         if any(f.code == "non_finite" for f in current):
             self.note_blow_up(record.learning_rate)
         new = [f for f in current if (f.code, f.layer) not in self._active]

@@ -29,6 +29,11 @@ class Ranks:
         self.rank = int(env.get("RANK", "0"))
         self.local_rank = int(env.get("LOCAL_RANK", "0"))
         self._device = torch.device("cpu")
+        self._owns_group = False
+        if dist.is_available() and dist.is_initialized():  # the user's script started it
+            self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+            if dist.get_backend() == "nccl":
+                self._device = torch.device("cuda", torch.cuda.current_device())
 
     @property
     def distributed(self) -> bool:
@@ -41,10 +46,11 @@ class Ranks:
 
     def start(self, device: torch.device, timeout_minutes: float = 30.0) -> None:
         """Join the process group: NCCL between GPUs, gloo on CPU."""
-        if not self.distributed:
+        if not self.distributed or dist.is_initialized():
             return
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        self._owns_group = True
         self._device = device  # gloo reduces CPU tensors; NCCL, tensors on this rank's GPU
 
     def device(self, requested: str) -> torch.device:
@@ -96,5 +102,7 @@ class Ranks:
         return total
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        """Leave the process group if this object joined it (a user's stays theirs)."""
+        if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            self._owns_group = False

@@ -1,27 +1,39 @@
 """Applying a new parameters version to a live model and optimizer, in place.
 
-lr and weight decay change through the param groups, so Adam's moments and
-SGD's momentum buffers survive; dropout changes `p` on every dropout module;
-only an optimizer switch builds a new optimizer.
+lr and weight decay change through the param groups, so Adam's moments and SGD's
+momentum buffers survive; dropout changes `p` on every dropout module; only an
+optimizer switch builds a new optimizer, over the same param groups.
+
+Param groups keep their ratios: a backbone at 1e-5 and a head at 1e-3 stay 100:1
+when the board sets a new lr. Group 0's lr is the run's base lr, the one the board
+shows. A learning-rate scheduler takes a change as its new base: its base lrs are
+scaled by the same factor, so the schedule goes on from the new value instead of
+undoing it at its next step.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from livetrain.db.contract import Hyperparameters
-from livetrain.trainer.layers import set_dropout
+from livetrain.db.contract import OPTIMIZERS, Hyperparameters
+from livetrain.trainer.layers import dropout_percent, set_dropout
 
 SGD_MOMENTUM = 0.9
+# Per-group keys that hold learning rates a scheduler keeps: scaled with the lr.
+SCHEDULED_LR_KEYS = ("initial_lr", "max_lr", "min_lr")
+SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
+
+Groups = Iterable[nn.Parameter] | Sequence[dict[str, Any]]
 
 
-def build_optimizer(
-    name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params: Groups, lr: float, weight_decay: float
+                    ) -> torch.optim.Optimizer:
+    """The optimizer `name` over `params`: parameters, or param groups (dicts) whose own
+    lr and weight_decay, when they hold them, win over the defaults given here."""
     params = list(params)
     if name == "Adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -38,8 +50,60 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """The contract's name for a user's optimizer; ValueError for one the board cannot
+    name (and so could not switch back to)."""
+    kind = type(optimizer)
+    if kind is torch.optim.SGD:
+        nesterov = bool(optimizer.param_groups[0].get("nesterov"))
+        return "SGD+Nesterov" if nesterov else "SGD"
+    for name, cls in (("Adam", torch.optim.Adam), ("AdamW", torch.optim.AdamW),
+                      ("RMSprop", torch.optim.RMSprop)):
+        if kind is cls:
+            return name
+    raise ValueError(f"livetrain can steer {', '.join(OPTIMIZERS)}; "
+                     f"{kind.__module__}.{kind.__name__} is not one of them")
+
+
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def rescale_learning_rates(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any],
+                           old: float, new: float) -> None:
+    """Multiply every group's lr, and the lrs its schedulers keep, by new/old."""
+    factor = new / old
+    for group in optimizer.param_groups:  # a group at the base lr takes the new one exactly
+        group["lr"] = new if group["lr"] == old else group["lr"] * factor
+        for key in SCHEDULED_LR_KEYS:
+            if isinstance(group.get(key), int | float):
+                group[key] *= factor
+    for scheduler in schedulers:
+        for name in SCHEDULER_LR_LISTS:
+            values = getattr(scheduler, name, None)
+            if isinstance(values, list) and all(isinstance(v, int | float) for v in values):
+                setattr(scheduler, name, [v * factor for v in values])
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, old: float, new: float) -> None:
+    """Group 0's weight decay becomes `new`; the others keep their ratio to it. When group
+    0 had none, every group takes `new` (there is no ratio to keep)."""
+    for group in optimizer.param_groups:
+        decay = group["weight_decay"]
+        group["weight_decay"] = new if decay == old or old <= 0 else new * decay / old
+
+
+def switch_optimizer(optimizer: torch.optim.Optimizer, name: str, schedulers: Sequence[Any],
+                     weight_decay: float) -> torch.optim.Optimizer:
+    """A new optimizer of kind `name` over the same param groups, with their lrs and the
+    lrs a scheduler keeps; the schedulers move to it."""
+    keep = ("params", "lr", "weight_decay", *SCHEDULED_LR_KEYS)
+    groups = [{k: v for k, v in g.items() if k in keep} | {"weight_decay": weight_decay}
+              for g in optimizer.param_groups]
+    new = build_optimizer(name, groups, groups[0]["lr"], weight_decay)
+    for scheduler in schedulers:
+        scheduler.optimizer = new
+    return new
 
 
 def apply_parameters(
@@ -47,39 +111,24 @@ def apply_parameters(
     optimizer: torch.optim.Optimizer,
     current: Hyperparameters,
     new: Hyperparameters,
+    schedulers: Sequence[Any] = (),
 ) -> torch.optim.Optimizer:
     """Bring model and optimizer to `new`; returns the optimizer now in use.
 
-    Raises (ValueError, RuntimeError) if the model cannot take the values;
-    nothing is changed then.
+    Raises ValueError if the model cannot take the values (a dropout for a model
+    without a dropout layer); nothing is changed then.
     """
+    if new.dropout != current.dropout and dropout_percent(model) is None:
+        raise ValueError("the model has no dropout layer")
+    if new.learning_rate != current.learning_rate:
+        rescale_learning_rates(optimizer, schedulers, current.learning_rate, new.learning_rate)
+    if new.weight_decay != current.weight_decay:
+        set_weight_decay(optimizer, current.weight_decay, new.weight_decay)
     if new.optimizer != current.optimizer:
-        optimizer = build_optimizer(
-            new.optimizer, trainable(model), new.learning_rate, new.weight_decay
-        )
-    else:
-        for group in optimizer.param_groups:
-            group["lr"] = new.learning_rate
-            group["weight_decay"] = new.weight_decay
+        optimizer = switch_optimizer(optimizer, new.optimizer, schedulers, new.weight_decay)
     if new.dropout != current.dropout:
         set_dropout(model, new.dropout / 100)
     return optimizer
-
-
-LR_SCHEDULES = ("none", "step", "cosine")
-
-
-def schedule_factor(kind: str, step: int, total: int) -> float:
-    """The multiplier on the base learning rate at `step` of `total`.
-
-    step: x0.1 at each third of the run; cosine: from 1 down to 0 over the run.
-    A learning rate set from the board becomes the new base.
-    """
-    if kind == "step":
-        return 0.1 ** (step // max(1, total // 3))
-    if kind == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
-    return 1.0
 
 
 def learning_rate_in_force(optimizer: torch.optim.Optimizer) -> float:

@@ -32,40 +32,74 @@ NONLINEARITIES = (
 
 
 class IntervalMetrics:
-    """Training loss and accuracy averaged over every sample since the last log."""
+    """Training loss (and accuracy, for classification) averaged since the last log.
+
+    Sums stay on the device: adding a step costs a few tensor additions, no sync.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.weight = 0  # samples when the batch size is known, else steps
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.predicted = 0  # targets the accuracy counts (0: not classification)
         self.samples = 0
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        n = targets.shape[0]
-        self.loss_sum += loss.detach() * n
-        self.correct += (logits.detach().argmax(dim=1) == targets).sum()
-        self.samples += n
+    def add(self, loss: torch.Tensor, outputs: torch.Tensor | None,
+            targets: torch.Tensor | None) -> int | None:
+        """Count one step; returns its number of samples when the tensors tell it."""
+        n = batch_size(outputs, targets)
+        weight = n or 1
+        self.loss_sum += loss.detach().to(self.device, torch.float64) * weight
+        self.weight += weight
+        if n and looks_like_classification(outputs, targets):
+            self.correct += (outputs.detach().argmax(dim=1) == targets).sum().to(self.device)
+            self.predicted += targets.numel()
+        self.samples += n or 0
+        return n
 
     def summary(
         self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> tuple[float | None, float | None]:
-        """(mean loss, accuracy %) and start a new interval; None before any step.
+        """(mean loss, accuracy % or None) and start a new interval; None before any step.
 
         `reduce` sums the interval's totals over torchrun ranks: the figures are
         then the whole job's, not rank 0's shard's.
         """
-        totals = torch.stack([self.loss_sum.double(), self.correct.double(),
-                              torch.tensor(float(self.samples), device=self.device).double()])
+        counts = torch.tensor([float(self.weight), float(self.predicted)],
+                              device=self.device, dtype=torch.float64)
+        totals = torch.cat([torch.stack([self.loss_sum, self.correct.double()]), counts])
         if reduce is not None:
             totals = reduce(totals)
-        loss_sum, correct, samples = totals.tolist()
+        loss_sum, correct, weight, predicted = totals.tolist()
         self.reset()
-        if not samples:
+        if not weight:
             return None, None
-        return loss_sum / samples, 100.0 * correct / samples
+        return loss_sum / weight, (100.0 * correct / predicted if predicted else None)
+
+
+def batch_size(outputs: Any, targets: Any) -> int | None:
+    """The samples in a step, from its targets or outputs (None when neither is a tensor
+    with a batch dimension)."""
+    for tensor in (targets, outputs):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+            return int(tensor.shape[0])
+    return None
+
+
+def looks_like_classification(outputs: Any, targets: Any) -> bool:
+    """Scores over classes (N, C, ...) against class indices (N, ...): accuracy means
+    something. Anything else (regression, one-hot, language-model logits flattened
+    differently) records the loss only."""
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return False
+    return (outputs.is_floating_point() and not targets.is_floating_point()
+            and targets.dtype != torch.bool and outputs.dim() == targets.dim() + 1
+            and outputs.dim() >= 2 and outputs.shape[1] >= 2
+            and outputs.shape[0] == targets.shape[0] and outputs.shape[2:] == targets.shape[1:])
 
 
 @torch.no_grad()
@@ -162,7 +196,7 @@ def even_sample(flat: torch.Tensor) -> torch.Tensor:
 
 
 class LayerProbe:
-    """Per conv/fc layer: activations after the nonlinearity, gradients and updates.
+    """Per watched layer: activations after the nonlinearity, gradients and updates.
 
     Forward hooks are registered once and do nothing unless armed. A layer's
     activation is the output of the first nonlinearity that runs after it and
@@ -170,10 +204,12 @@ class LayerProbe:
     logits).
     """
 
-    def __init__(self, model: nn.Module, bins: int = HISTOGRAM_BINS) -> None:
-        self.layers = monitored_layers(model)
+    def __init__(self, model: nn.Module, bins: int = HISTOGRAM_BINS,
+                 names: list[str] | None = None) -> None:
+        self.layers = monitored_layers(model, names)
         self.bins = bins
         self._armed = False
+        self._once = False  # armed for the next whole forward pass of the model only
         self._layer_of = {id(layer.module): layer for layer in self.layers}
         self._pending: tuple[MonitoredLayer, torch.Tensor] | None = None
         self._captured: dict[str, tuple[torch.Tensor, bool]] = {}
@@ -186,19 +222,30 @@ class LayerProbe:
         for module in model.modules():
             if isinstance(module, NONLINEARITIES):
                 module.register_forward_hook(self._on_nonlinearity)
+        model.register_forward_hook(self._on_model)
 
     # -- activations ----------------------------------------------------------
 
-    def _on_layer(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        if self._armed:
+    def _on_layer(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._armed and (tensor := first_tensor(output)) is not None:
             self._settle()
-            self._pending = (self._layer_of[id(module)], output.detach())
+            self._pending = (self._layer_of[id(module)], tensor.detach())
 
-    def _on_nonlinearity(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    def _on_nonlinearity(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if self._armed and self._pending is not None:
             layer, _ = self._pending
             self._captured[layer.name] = (output.detach(), True)
             self._pending = None
+
+    def _on_model(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._once:
+            self._settle()
+            self._armed = self._once = False
+
+    def arm_next_forward(self) -> None:
+        """Record the activations of the model's next forward pass (a training batch of a
+        loop that has no validation to record them on)."""
+        self._armed = self._once = True
 
     def _settle(self) -> None:
         if self._pending is not None:
@@ -218,7 +265,7 @@ class LayerProbe:
     # -- gradients and updates, around optimizer.step() on a logged step -------
 
     def _weights(self) -> list[torch.Tensor]:
-        return [layer.module.weight for layer in self.layers]
+        return [layer.weight for layer in self.layers]
 
     def before_update(self) -> None:
         weights = self._weights()
@@ -241,7 +288,7 @@ class LayerProbe:
         """Rows for activations, layer_statistics and layer_histograms; resets the probe."""
         layers = [layer for layer in self.layers if layer.name in self._captured]
         acts = [self._captured[layer.name][0].float() for layer in layers]
-        weights = [layer.module.weight.detach() for layer in self.layers]
+        weights = [layer.weight.detach() for layer in self.layers]
         count = len(self.layers)
         weight_norms = torch.stack([w.float().norm() for w in weights]).tolist()
         grad_norms = [g.item() if g is not None else None for g in self._grad_norms]
@@ -287,39 +334,47 @@ class LayerProbe:
         return out
 
 
-@torch.no_grad()
-def model_table(model: nn.Module, sample: torch.Tensor) -> list[dict[str, Any]]:
-    """Every leaf module in forward order with its output shape (per sample) and size."""
-    monitored = {layer.name for layer in monitored_layers(model)}
-    names = {id(m): n for n, m in model.named_modules()}
-    seen: dict[int, dict[str, Any]] = {}
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """A layer's output tensor: an LSTM or attention layer returns a tuple, output first."""
+    while isinstance(output, tuple | list) and output:
+        output = output[0]
+    return output if isinstance(output, torch.Tensor) else None
 
-    def record(module: nn.Module, inputs: Any, output: Any) -> None:
-        if id(module) in seen or not isinstance(output, torch.Tensor):
+
+class LayerTable:
+    """Every leaf module in forward order with its output shape (per sample) and size,
+    recorded during the model's first forward pass: whatever its input looks like, the
+    model itself shows it. `rows` is None until then."""
+
+    def __init__(self, model: nn.Module, monitored: set[str]) -> None:
+        self.rows: list[dict[str, Any]] | None = None
+        self._monitored = monitored
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._seen: dict[int, dict[str, Any]] = {}
+        leaves = [m for m in model.modules() if not list(m.children())] or [model]
+        self._handles = [m.register_forward_hook(self._record) for m in leaves]
+        self._handles.append(model.register_forward_hook(self._done))
+
+    def _record(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        tensor = first_tensor(output)
+        if id(module) in self._seen or tensor is None:
             return
         params = list(module.parameters(recurse=False))
-        name = names[id(module)]
-        seen[id(module)] = {
-            "position": len(seen),
+        name = self._names[id(module)] or "model"
+        self._seen[id(module)] = {
+            "position": len(self._seen),
             "layer_name": name,
             "layer_type": type(module).__name__,
-            "output_shape": "x".join(str(d) for d in output.shape[1:]),
+            "output_shape": "x".join(str(d) for d in tensor.shape[1:]),
             "parameters": sum(p.numel() for p in params),
             "trainable": sum(p.numel() for p in params if p.requires_grad),
-            "monitored": name in monitored,
+            "monitored": name in self._monitored,
         }
 
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(record) for m in leaves]
-    was_training = model.training
-    model.eval()
-    try:
-        model(sample[:1])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return sorted(seen.values(), key=lambda r: r["position"])
+    def _done(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.rows = sorted(self._seen.values(), key=lambda r: r["position"])
 
 
 class Progress:

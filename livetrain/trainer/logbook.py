@@ -1,0 +1,163 @@
+"""One log of a run: its statistics row, per-layer telemetry, diagnosis and early stop.
+
+Between logs the loop only adds to on-device sums (IntervalMetrics); a log is where the
+figures are synchronised, validated, written through the background writer and read
+by the health rules (livetrain.trainer.diagnostics).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from livetrain.db.contract import Hyperparameters
+from livetrain.db.store import now
+from livetrain.trainer.diagnostics import Diagnostician, LayerRecord, StepRecord
+from livetrain.trainer.steering import learning_rate_in_force
+
+if TYPE_CHECKING:
+    from livetrain.trainer.run import LiveRun
+
+Validate = Callable[..., Mapping[str, Any]]
+
+
+def _float(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def takes_full(validate: Validate | None) -> bool:
+    """Whether `validate` accepts `full=`: True at an epoch's end and at the last log,
+    when a playground validation covers the whole set instead of a few batches."""
+    if validate is None:
+        return False
+    try:
+        return "full" in inspect.signature(validate).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: called without it
+        return False
+
+
+def validation_figures(result: Any) -> tuple[float, float | None]:
+    """(loss, accuracy or None) from what a user's validate returned; ValueError when it
+    is not a mapping with a numeric "loss" (a clear message, not a crash deep inside)."""
+    if not isinstance(result, Mapping) or "loss" not in result:
+        raise ValueError(f"validate must return a mapping with a 'loss', got {result!r:.80}")
+    loss, accuracy = result["loss"], result.get("accuracy")
+    try:
+        return float(loss), None if accuracy is None else float(accuracy)
+    except (TypeError, ValueError):
+        raise ValueError(f"validate returned a loss or accuracy that is not a number: "
+                         f"{loss!r:.40}, {accuracy!r:.40}") from None
+
+
+class Logbook:
+    """The logs of one run: when to log, what to write, what the rules make of it."""
+
+    def __init__(self, run: LiveRun, validate: Validate | None, num_classes: int | None,
+                 early_stopping: int) -> None:
+        self.run = run
+        self.validate = validate
+        self.full_argument = takes_full(validate)
+        self.doctor = Diagnostician(num_classes)
+        self.early_stopping = early_stopping
+        self.best_val, self.logs_since_best = math.inf, 0
+        self.last_logged = -1
+        self.interval_start, self.interval_samples = time.perf_counter(), 0
+        self.last: dict[str, float | None] = {}  # the latest log's figures, for a progress bar
+
+    def log(self, full_validation: bool) -> None:
+        """One statistics row plus per-layer telemetry for the current step.
+
+        Under torchrun the training figures are summed over the ranks, and rank 0
+        validates and writes while the others wait for what it decided.
+        """
+        run = self.run
+        train_loss, train_acc = run.metrics.summary(run.ranks.sum)
+        if run.ranks.is_main:
+            self.write(full_validation, train_loss, train_acc)
+        control = run.control
+        control.paused, run.finishing = run.ranks.any(control.paused, run.finishing)
+        self.last_logged = run.global_step
+        self.interval_start, self.interval_samples = time.perf_counter(), 0
+
+    def run_validation(self, full: bool) -> tuple[float | None, float | None]:
+        """The user's validation, with the probe recording its first forward pass and
+        parameter changes taken between its batches."""
+        if self.validate is None:
+            return None, None
+        run = self.run
+        run.probe.arm_next_forward()
+        run.validating = not run.ranks.distributed  # between batches needs no agreement
+        try:
+            result = self.validate(full=full) if self.full_argument else self.validate()
+        finally:
+            run.validating = False
+        return validation_figures(result)
+
+    def write(self, full_validation: bool, train_loss: float | None,
+              train_acc: float | None) -> None:
+        run = self.run
+        ran_with, lr = run.control.params, learning_rate_in_force(run.optimizer)
+        val_loss, val_acc = self.run_validation(full_validation)
+        elapsed = time.perf_counter() - self.interval_start
+        run.writer.statistics({
+            "step": run.global_step, "epoch": run.epoch, "dt": now(),
+            "optimizer": ran_with.optimizer, "learning_rate": lr,
+            "weight_decay": ran_with.weight_decay, "dropout": ran_with.dropout,
+            "train_loss": train_loss, "train_accuracy": train_acc,
+            "validate_loss": val_loss, "validate_accuracy": val_acc,
+            "samples_per_second": self.interval_samples / elapsed
+            if self.interval_samples else None,
+        })
+        if run.table is not None and run.table.rows is not None:
+            run.writer.rows("model_layers", run.table.rows)
+            run.table = None
+        telemetry = run.probe.rows(run.global_step)
+        for table, rows in telemetry.items():
+            run.writer.rows(table, rows)
+        self.diagnose(train_loss, val_loss, telemetry["layer_statistics"], ran_with, lr)
+        if val_loss is not None:
+            self.early_stop(val_loss)
+        self.last = {"train_loss": train_loss, "validate_loss": val_loss,
+                     "learning_rate": learning_rate_in_force(run.optimizer)}
+
+    def diagnose(
+        self, train_loss: float | None, val_loss: float | None, layers: list[dict[str, Any]],
+        ran_with: Hyperparameters, lr: float,
+    ) -> None:
+        """Run the health rules on this log; a non-finite value pauses the run."""
+        run = self.run
+        record = StepRecord(
+            step=run.global_step, train_loss=_float(train_loss),
+            validate_loss=_float(val_loss) if self.validate is not None else None,
+            learning_rate=lr, optimizer=ran_with.optimizer,
+            weight_decay=ran_with.weight_decay, dropout=ran_with.dropout,
+            layers=tuple(LayerRecord(
+                name=r["layer_name"], act_mean=_float(r["act_mean"]),
+                act_std=_float(r["act_std"]), zero_fraction=_float(r["zero_fraction"]),
+                dead_fraction=_float(r["dead_fraction"]), grad_norm=r["grad_norm"],
+                update_ratio=_float(r["update_ratio"]), has_nonlinearity=r["has_nonlinearity"],
+            ) for r in layers),
+        )
+        for finding in self.doctor.observe(record):
+            run.writer.event(finding.level, finding.code, finding.message, step=run.global_step,
+                             layer_name=finding.layer, recommendation=finding.recommendation,
+                             fix=finding.fix)
+            if finding.code == "non_finite" and run.global_step > 0:
+                run.control.paused = True  # before the next update
+
+    def early_stop(self, val_loss: float) -> None:
+        """seed 002: finish when validation has not improved for `early_stopping` logs."""
+        if val_loss < self.best_val:
+            self.best_val, self.logs_since_best = val_loss, 0
+            return
+        self.logs_since_best += 1
+        run = self.run
+        if self.early_stopping and self.logs_since_best >= self.early_stopping \
+                and not run.finishing:
+            run.finishing = True
+            run.writer.event("info", "early_stopped", f"validation loss has not improved on "
+                             f"{self.best_val:.4g} for {self.logs_since_best} logs: finishing "
+                             f"at step {run.global_step}", step=run.global_step)

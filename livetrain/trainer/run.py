@@ -1,0 +1,414 @@
+"""LiveRun: watch and steer any PyTorch training loop from the board, through the database.
+
+    with LiveRun(model, optimizer, db=URL, name="my-run") as run:
+        for x, y in loader:
+            out = model(x)
+            loss = loss_fn(out, y)
+            run.optimizer.zero_grad()
+            loss.backward()
+            run.optimizer.step()
+            run.step(loss=loss, outputs=out, targets=y)
+            if run.should_stop:
+                break
+
+The loop never waits on the database: a background writer sends what it logs and a
+listener brings the board's changes, which `step()` applies at the step boundary and
+acknowledges with the step. Hooks on the optimizer clip gradients, refuse a
+non-finite update and measure gradients and updates on the steps that log.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from livetrain.db.contract import Hyperparameters, validate
+from livetrain.db.listener import ParameterListener
+from livetrain.db.store import Store, describe_url, now, open_store, resolve_url
+from livetrain.db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
+from livetrain.trainer.checkpointing import Checkpoint, CheckpointRing, Restorable
+from livetrain.trainer.control import Controller, describe
+from livetrain.trainer.distributed import Ranks
+from livetrain.trainer.layers import dropout_percent, set_dropout
+from livetrain.trainer.logbook import Logbook, Validate
+from livetrain.trainer.ownership import say, trainer_identity
+from livetrain.trainer.resuming import resume_run
+from livetrain.trainer.signals import StopSignal
+from livetrain.trainer.steering import learning_rate_in_force, optimizer_name
+from livetrain.trainer.telemetry import (
+    IntervalMetrics,
+    LayerProbe,
+    LayerTable,
+    Progress,
+    SystemSampler,
+)
+from livetrain.trainer.updates import UpdateHooks
+
+
+def initial_parameters(model: nn.Module, optimizer: torch.optim.Optimizer,
+                       schedulers: list[Any], grad_clip: float) -> Hyperparameters:
+    """The run's first parameters row, read from the user's optimizer and model: group 0's
+    lr (a scheduler's base lr, when there is one) and weight decay, the first dropout's p.
+    ValueError when the board could not steer them (an unknown optimizer, a value out of
+    the contract's range)."""
+    name = optimizer_name(optimizer)
+    group = optimizer.param_groups[0]
+    lr = schedulers[0].base_lrs[0] if schedulers and hasattr(schedulers[0], "base_lrs") \
+        else group["lr"]
+    params, errors = validate(name, lr, group.get("weight_decay", 0.0),
+                              dropout_percent(model) or 0, grad_clip)
+    if params is None:
+        raise ValueError(f"LiveRun cannot steer this run: {'; '.join(errors.values())}")
+    return params
+
+
+class LiveRun:
+    """One training run, visible on the board and steerable from it (or from any SQL client).
+
+    `run.optimizer` is the optimizer in force (a new object after the board switches
+    it); `run.should_stop` says the loop should end (a stop from the board, SQL or
+    Ctrl-C, `max_steps` reached or early stopping). Leaving the `with` block ends the
+    run: `stopped` after a stop, `finished` at the natural end, `failed` on an
+    exception (which propagates).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        db: str | None = None,
+        name: str | None = None,
+        log_every: int = 50,
+        validate: Validate | None = None,
+        config: Mapping[str, Any] | None = None,
+        scheduler: Any = None,
+        layers: Iterable[str] | None = None,
+        num_classes: int | None = None,
+        grad_clip: float = 0.0,
+        steps_per_epoch: int | None = None,
+        max_steps: int | None = None,
+        early_stopping: int = 0,
+        checkpoint_dir: str | Path = "checkpoints",
+        checkpoint_every: int = 500,
+        checkpoint_keep: int = 5,
+        buffer_rows: int = SPILL_AFTER_ROWS,
+        model_name: str | None = None,
+        dataset: str = "custom",
+        resume: int | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        for option, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
+                              ("checkpoint_keep", checkpoint_keep), ("buffer_rows", buffer_rows)):
+            if value < 1:
+                raise ValueError(f"{option} must be at least 1, got {value}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # the one to inspect and save; DDP still trains it
+        self.model, self._optimizer = model, optimizer
+        self.schedulers = [] if scheduler is None else \
+            list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
+        params = initial_parameters(model, optimizer, self.schedulers, grad_clip)
+        self.log_every, self.steps_per_epoch = log_every, steps_per_epoch
+        self.max_steps, self.checkpoint_every = max_steps, checkpoint_every
+        self.global_step, self.epoch, self.rollbacks = 0, 1, 0
+        self.finishing = self.validating = False
+        self.status: str | None = None
+        self.ranks = Ranks()
+        self.device = next(model.parameters()).device
+        self.stop = StopSignal(install=handle_signals)
+        self.url = resolve_url(db)
+        self.store: Store | None = open_store(db) if self.ranks.is_main else None
+        try:
+            self._open(params, name, config, model_name, dataset, resume, Path(checkpoint_dir),
+                       checkpoint_keep, buffer_rows)
+        except BaseException:
+            self.stop.close()
+            if self.store is not None:
+                self.store.close()
+            raise
+        self.metrics, self.progress = IntervalMetrics(self.device), Progress()
+        self.probe = LayerProbe(model, names=None if layers is None else list(layers))
+        self.table: LayerTable | None = LayerTable(
+            model, {layer.name for layer in self.probe.layers}) if self.ranks.is_main else None
+        self.logbook = Logbook(self, validate, num_classes, early_stopping)
+        self.updates = UpdateHooks(self)
+        self._between_batches = model.register_forward_hook(self._after_forward)
+        self.sampler = SystemSampler(self.writer, self.progress, self.device) \
+            if self.ranks.is_main else None
+        self._start()
+
+    # -- opening and closing the run --------------------------------------------------------
+
+    def _open(self, params: Hyperparameters, name: str | None, config: Mapping[str, Any] | None,
+              model_name: str | None, dataset: str, resume: int | None, checkpoint_dir: Path,
+              keep: int, buffer_rows: int) -> None:
+        """Create (or reopen) the run in the database; the writer, listener and checkpoints."""
+        model_name = model_name or type(self.model).__name__
+        seen_version, handled_rollback, run_name = 1, 0, None
+        self.resumed: tuple[Checkpoint, Restorable] | None = None
+        if resume is not None:
+            self.run_id = resume
+            self.resumed, seen_version, handled_rollback = resume_run(
+                self, resume, checkpoint_dir / f"run_{resume}")
+            run_name = self.store.get_run(resume)["name"] if self.ranks.is_main else None
+        elif self.ranks.is_main:  # under torchrun, rank 0 alone owns the run in the database
+            run_name = name or f"{model_name.lower()}-{now():%Y%m%d-%H%M%S}"
+            self.run_id = self.store.create_run(run_name, model_name, dataset,
+                                                self._config(config), params)
+        self.run_id, run_name = self.ranks.from_main((getattr(self, "run_id", None), run_name))
+        run_dir = checkpoint_dir / f"run_{self.run_id}"
+        if self.ranks.is_main:
+            self.writer: BackgroundWriter | NullWriter = BackgroundWriter(
+                self.store, self.run_id, spill_dir=run_dir / "unwritten",
+                spill_after_rows=buffer_rows)
+            self.listener = ParameterListener(self.store, self.run_id, seen_version=seen_version)
+        else:
+            self.writer, self.listener = NullWriter(), None
+        self.ring = CheckpointRing(
+            run_dir, keep=keep,
+            on_saved=lambda c, size: self.writer.rows("checkpoints", [{
+                "step": c.step, "epoch": c.epoch, "reason": c.reason, "path": str(c.path),
+                "bytes": size, "dt": now()}]),
+            on_removed=lambda c: self.writer.checkpoint_removed(c.step),
+        )
+        self.control = Controller(self, params, handled_rollback)
+        where = f" (rank {self.ranks.rank} of {self.ranks.world_size})" * self.ranks.distributed
+        label = f" '{run_name}'" if run_name else ""
+        say(f"run {self.run_id}{label} on {self.device}{where}, database {describe_url(self.url)}")
+
+    def _config(self, config: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The user's config plus what tells this process and its setup apart."""
+        return {
+            "parameters_count": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "world_size": self.ranks.world_size,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            **dict(config or {}),
+            "db": describe_url(self.url),
+            **trainer_identity(),
+        }
+
+    def _start(self) -> None:
+        """Step 0 of a new run (its first log and checkpoint), or a resumed run's restore."""
+        if self.resumed is None:
+            self.writer.event("info", "run_started", f"run {self.run_id} started: "
+                              f"{describe(self.control.params)}", step=0)
+            if self.logbook.validate is not None:
+                self.logbook.log(full_validation=False)  # the untrained model: initial loss
+            self.checkpoint("initial")
+        else:
+            interrupted_at = self.store.last_logged_step(self.run_id) if self.ranks.is_main \
+                else None
+            if self.ranks.is_main:
+                for why in self.ring.seed(self.store.checkpoints(self.run_id)):
+                    self.writer.event("warning", "checkpoint_refused", f"{why}; it cannot be "
+                                      "rolled back to")
+            self.restore(*self.resumed)
+            self.writer.event("info", "run_resumed", f"run {self.run_id} resumed from its "
+                              f"checkpoint of step {self.global_step} (it had logged up to step "
+                              f"{interrupted_at}); steps after the checkpoint are kept as an "
+                              "abandoned branch", step=self.global_step)
+            if self.ranks.distributed:
+                say(f"rank {self.ranks.rank}: resumed run {self.run_id} at step "
+                    f"{self.global_step}")
+        self.resumed = None
+        self._prepare_next_step()
+
+    def __enter__(self) -> LiveRun:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> bool:
+        self.close(error)
+        return False
+
+    def close(self, error: BaseException | None = None) -> None:
+        """End the run: `stopped`, `finished` or (given the exception) `failed`."""
+        if self.status is not None:
+            return
+        try:
+            if error is None:
+                self._finish()
+            elif isinstance(error, KeyboardInterrupt):
+                self.writer.event("warning", "run_interrupted",
+                                  f"interrupted at step {self.global_step}",
+                                  step=self.global_step)
+                self.status = "stopped"
+                self.writer.status("stopped", ended=True)
+            else:
+                self.writer.event("error", "run_failed", f"{type(error).__name__}: {error}",
+                                  step=self.global_step)
+                self.status = "failed"
+                self.writer.status("failed", ended=True)
+        finally:
+            self._release()
+
+    def _finish(self) -> None:
+        stopped = self.control.stopping or self.control.stop_asked
+        status = "stopped" if stopped else "finished"
+        if self.global_step != self.logbook.last_logged:
+            self.logbook.log(full_validation=True)  # the final validation
+        self.checkpoint("final", wait=True)
+        self.writer.event("info", f"run_{status}", f"run {status} at step {self.global_step}, "
+                          f"epoch {self.epoch}", step=self.global_step)
+        self.status = status
+        self.writer.status(status, ended=True)
+        if self.ranks.distributed:  # equal fingerprints: every rank made the same updates
+            fingerprint = sum(p.detach().double().abs().sum().item()
+                              for p in self.model.parameters())
+            say(f"rank {self.ranks.rank}: {status} at step {self.global_step}, "
+                f"weights {fingerprint:.12g}")
+
+    def _release(self) -> None:
+        """Stop the threads and give back the hooks and signals (another run may follow)."""
+        self.ring.flush()
+        self.updates.remove()
+        self._between_batches.remove()
+        self.stop.close()
+        if self.ranks.is_main:
+            self.sampler.close()
+            self.listener.close()
+            if not self.writer.close():
+                print(f"warning: some rows could not be written to the database; those kept in "
+                      f"{self.ring.directory / 'unwritten'} are written when the run is resumed",
+                      file=sys.stderr)
+            self.store.close()
+
+    # -- the loop's side --------------------------------------------------------------------
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer in force: after a switch from the board, the new one."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        self.updates.attach(optimizer)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.control.stopping or self.control.stop_asked or self.finishing
+
+    def request_stop(self) -> None:
+        """Ask the run to stop at the next step boundary, as Ctrl-C or the board would."""
+        self.stop.requested.set()
+
+    @property
+    def parameters(self) -> Hyperparameters:
+        """The steerable values in force (what the board last had applied)."""
+        return self.control.params
+
+    def step(self, loss: torch.Tensor | float, outputs: torch.Tensor | None = None,
+             targets: torch.Tensor | None = None) -> None:
+        """Record a training step, log on schedule, then take the board's news at this
+        step boundary: a change, a pause (blocks here), a rollback or a stop."""
+        if self.status is not None:
+            raise RuntimeError(f"run {self.run_id} has ended ({self.status})")
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        blown = self.updates.take_dropped() or not bool(torch.isfinite(loss).all())
+        (blown,) = self.ranks.any(blown)
+        if blown:
+            self._blow_up(loss)
+        else:
+            self._count(loss.mean(), outputs, targets)
+        self.control.poll()
+        if self.control.paused:
+            self.control.wait_while_paused()
+        self._prepare_next_step()
+
+    def _count(self, loss: torch.Tensor, outputs: Any, targets: Any) -> None:
+        samples = self.metrics.add(loss, outputs, targets)
+        self.global_step += 1
+        if samples:
+            samples *= self.ranks.world_size  # the job's, not this rank's
+            self.logbook.interval_samples += samples
+            self.progress.samples += samples
+        self.progress.step = self.global_step
+        if self.max_steps is not None and self.global_step >= self.max_steps:
+            self.finishing = True
+        if self.updates.logging:
+            self.logbook.log(full_validation=self._end_of_epoch() or self.finishing)
+        if self.global_step % self.checkpoint_every == 0:
+            self.checkpoint("periodic")
+
+    def _end_of_epoch(self) -> bool:
+        """A full validation ends each epoch, unless epochs are shorter than a log."""
+        n = self.steps_per_epoch
+        return bool(n) and n >= self.log_every and self.global_step % n == 0
+
+    def _prepare_next_step(self) -> None:
+        """Whether the coming step logs: its update is then measured, and without a
+        validation to record activations on, its forward pass is recorded."""
+        coming = self.global_step + 1
+        n = self.steps_per_epoch
+        logging = coming % self.log_every == 0 or (
+            bool(n) and n >= self.log_every and coming % n == 0) or (
+            self.max_steps is not None and coming >= self.max_steps)
+        self.updates.logging = logging
+        if logging and self.logbook.validate is None and self.ranks.is_main:
+            self.probe.arm_next_forward()
+
+    def _blow_up(self, loss: torch.Tensor) -> None:
+        """A non-finite loss or gradient: pause before the update can spread it."""
+        control = self.control
+        control.paused = True
+        lr = learning_rate_in_force(self.optimizer)
+        self.logbook.doctor.note_blow_up(lr)
+        value = loss.float().mean().item()
+        what = f"the training loss is {value}" if not torch.isfinite(loss).all() \
+            else "the gradients are not finite"
+        self.writer.event(
+            "error", "non_finite",
+            f"{what} at step {self.global_step + 1}: training paused before the update",
+            step=self.global_step,
+            recommendation="roll back to an earlier checkpoint and lower the learning rate "
+            f"(now {control.params.learning_rate:g})",
+            fix={"learning_rate": control.params.learning_rate / 10},
+        )
+        self.finishing = False
+
+    def _after_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        """Between two validation batches: a change need not wait for the whole pass."""
+        if self.validating:
+            self.control.poll(during_log=True)
+
+    # -- checkpoints and rollback -----------------------------------------------------------
+
+    def checkpoint(self, reason: str, wait: bool = False) -> None:
+        if not self.ranks.is_main:
+            return  # the ranks hold the same weights: rank 0 saves them
+        self.ring.save(self.global_step, self.epoch, self.model, self.optimizer,
+                       {"run_id": self.run_id, "parameters": vars(self.control.params)},
+                       reason, wait=wait)
+
+    def restore(self, found: Checkpoint, loaded: Restorable) -> None:
+        """Put a checked checkpoint into the live model and optimizer (nothing here can
+        fail: it was checked); later rows become a branch."""
+        self.model.load_state_dict(loaded.model_state)  # copies into the optimizer's params
+        loaded.model_state.clear()  # the model holds the weights now: no second copy kept
+        old_base = self.control.params.learning_rate
+        self.optimizer = loaded.optimizer  # the hooks follow it
+        for scheduler in self.schedulers:
+            scheduler.optimizer = self.optimizer
+            if isinstance(getattr(scheduler, "base_lrs", None), list):
+                factor = loaded.parameters.learning_rate / old_base
+                scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        set_dropout(self.model, loaded.parameters.dropout / 100)
+        self.writer.rollback(found.step)
+        self.ring.forget_after(found.step)
+        self.control.params = loaded.parameters
+        self.global_step, self.epoch = found.step, found.epoch
+        self.logbook.last_logged = found.step
+        self.progress.step = found.step
+        self.metrics.reset()
+        self.rollbacks += 1

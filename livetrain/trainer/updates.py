@@ -1,0 +1,71 @@
+"""Hooks around the user's `optimizer.step()`: the place a loop we did not write still
+passes through between its backward pass and its update.
+
+Before the update: clip the gradients when the board asks for clipping, and refuse
+an update whose gradients are not finite (they are dropped, so the weights keep
+their last finite values and the run pauses); on a step that logs, note each watched
+layer's gradient norm and weights. After it: the update-to-weight ratios.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.utils.hooks import RemovableHandle
+
+    from livetrain.trainer.run import LiveRun
+
+
+class UpdateHooks:
+    """The optimizer hooks of one run; moved to the new optimizer after a switch."""
+
+    def __init__(self, run: LiveRun) -> None:
+        self.run = run
+        self.logging = False  # the coming update belongs to a step that logs
+        self._dropped = False
+        self._measuring = False
+        self._handles: list[RemovableHandle] = []
+        self.attach(run.optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self.remove()
+        self._handles = [optimizer.register_step_pre_hook(self._before),
+                         optimizer.register_step_post_hook(self._after)]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def take_dropped(self) -> bool:
+        """Whether an update was refused since the last call."""
+        dropped, self._dropped = self._dropped, False
+        return dropped
+
+    def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if not params:
+            return
+        clip = self.run.control.params.grad_clip
+        if clip > 0:
+            total = nn.utils.clip_grad_norm_(params, clip)
+        else:
+            total = nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(total):  # the update would spread NaN or inf into the weights
+            for p in params:
+                p.grad = None
+            self._dropped = True
+            return
+        if self.logging and self.run.ranks.is_main:
+            self.run.probe.before_update()  # gradient norms, weights before the step
+            self._measuring = True
+
+    def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._measuring:
+            self.run.probe.after_update()  # update:parameter ratios
+            self._measuring = False
