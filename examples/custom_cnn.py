@@ -86,7 +86,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--db", default=None,
                         help="SQLAlchemy URL (default: $DATABASE_URL, else sqlite:///training.db)")
     parser.add_argument("--name", default="mnist-small-cnn", help="the run's name on the board")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--log-every", type=int, default=25, help="steps between logged rows")
     parser.add_argument("--lr", type=float, default=0.05)

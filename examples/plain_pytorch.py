@@ -84,7 +84,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--db", default=None,
                         help="SQLAlchemy URL (default: $DATABASE_URL, else sqlite:///training.db)")
     parser.add_argument("--name", default="digits-mlp", help="the run's name on the board")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--log-every", type=int, default=20, help="steps between logged rows")
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -155,11 +155,14 @@ def test_fresh_venv_pip_install_runs_a_user_script_outside_the_repo(tmp_path: Pa
 
 
 def assert_only_livetrain_is_importable(python: Path, cwd: Path) -> None:
-    """The repository's top-level scripts and folders (and the old `dashboard`) are not
-    modules of the installed package: `import db` must fail outside the repository."""
-    names = {"db", "dashboard", "models"} | {p.stem for p in ROOT.glob("*.py")} | {
+    """`import db`, `import dashboard`, `import models` fail outside the repository, and
+    no other top-level script or folder of the repository is importable from there.
+    (Another package's module of the same name, such as the `examples` folder that
+    dash-bootstrap-components puts into site-packages, is not ours.)"""
+    strict = {"db", "dashboard", "models"}
+    names = strict | {p.stem for p in ROOT.glob("*.py")} | {
         p.name for p in ROOT.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name != "livetrain"
+        if p.is_dir() and p.name.isidentifier() and p.name != "livetrain"
     }
     probe = (
         "import importlib, sys\n"
@@ -168,11 +171,14 @@ def assert_only_livetrain_is_importable(python: Path, cwd: Path) -> None:
         "        module = importlib.import_module(name)\n"
         "    except ImportError:\n"
         "        continue\n"
-        "    print(name, getattr(module, '__file__', None) or list(module.__path__))\n"
+        "    print(name, getattr(module, '__file__', None) or list(module.__path__)[0])\n"
     )
     found = subprocess.run([str(python), "-c", probe, *sorted(names)], cwd=cwd,
                            capture_output=True, text=True, timeout=120, check=True)
-    assert found.stdout == "", f"importable besides livetrain:\n{found.stdout}"
+    importable = dict(line.split(" ", 1) for line in found.stdout.splitlines())
+    leaks = {name: where for name, where in importable.items()
+             if name in strict or Path(where).resolve().is_relative_to(ROOT)}
+    assert leaks == {}, f"importable besides livetrain: {leaks}"
 
 
 # -- b: a plain SQL client steers the user's loop ---------------------------------------
@@ -409,3 +415,31 @@ def test_an_exception_fails_the_run_and_propagates(tmp_path: Path, db_url: str) 
                              "AND code = 'run_failed'", r=run.run_id)
     assert level == "error" and "boom at step 3" in message
     sql.close()
+
+
+def hook_counts(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Per module: its forward, forward-pre and backward hooks."""
+    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+                   len(m._backward_pre_hooks)) for name, m in model.named_modules()}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "LiveRun bug: telemetry.LayerProbe registers forward hooks on the watched layers, the "
+    "nonlinearities and the model without keeping their handles, and LiveRun._release "
+    "never removes them: the model keeps LiveRun's probe (and the tensors it captured) "
+    "after the run, and each further LiveRun on it adds another set."))
+def test_the_model_is_given_back_without_hooks(tmp_path: Path, sqlite_url: str) -> None:
+    """A run that ends leaves the user's model and optimizer as it found them, so that
+    a second run on the same model (a fine-tuning after a pre-training) starts clean."""
+    model = two_layer_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = hook_counts(model)
+    for name in ("first", "second"):
+        with LiveRun(model, optimizer, db=sqlite_url, name=name, log_every=2,
+                     checkpoint_dir=tmp_path / "checkpoints") as run:
+            for seed in range(4):
+                train_step(run, model, seed)
+        assert run.status == "finished"
+        assert len(optimizer._optimizer_step_pre_hooks) == 0
+        assert len(optimizer._optimizer_step_post_hooks) == 0
+        assert hook_counts(model) == before, name
