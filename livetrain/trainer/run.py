@@ -135,14 +135,19 @@ class LiveRun:
             raise
         self.metrics, self.progress = IntervalMetrics(self.device), Progress()
         self.probe = LayerProbe(model, names=None if layers is None else list(layers))
-        self.table: LayerTable | None = LayerTable(
-            model, {layer.name for layer in self.probe.layers}) if self.ranks.is_main else None
+        self.table: LayerTable | None = LayerTable(  # a resumed run has its table
+            model, {layer.name for layer in self.probe.layers}) \
+            if self.ranks.is_main and self.resumed is None else None
         self.logbook = Logbook(self, validate, num_classes, early_stopping)
         self.updates = UpdateHooks(self)
         self._between_batches = model.register_forward_hook(self._after_forward)
         self.sampler = SystemSampler(self.writer, self.progress, self.device) \
             if self.ranks.is_main else None
-        self._start()
+        try:
+            self._start()
+        except BaseException as exc:  # the run exists now: it ends failed, not "running"
+            self.close(exc)
+            raise
 
     # -- opening and closing the run --------------------------------------------------------
 
@@ -272,6 +277,9 @@ class LiveRun:
         """Stop the threads and give back the hooks and signals (another run may follow)."""
         self.ring.flush()
         self.updates.remove()
+        self.probe.remove()
+        if self.table is not None:
+            self.table.remove()
         self._between_batches.remove()
         self.stop.close()
         if self.ranks.is_main:

@@ -217,12 +217,17 @@ class LayerProbe:
         self._before: list[torch.Tensor] = []
         self._updates: list[torch.Tensor] = []
         self._update_ratios: list[torch.Tensor | None] = []
-        for layer in self.layers:
-            layer.module.register_forward_hook(self._on_layer)
-        for module in model.modules():
-            if isinstance(module, NONLINEARITIES):
-                module.register_forward_hook(self._on_nonlinearity)
-        model.register_forward_hook(self._on_model)
+        self._handles = [layer.module.register_forward_hook(self._on_layer)
+                         for layer in self.layers]
+        self._handles += [module.register_forward_hook(self._on_nonlinearity)
+                          for module in model.modules() if isinstance(module, NONLINEARITIES)]
+        self._handles.append(model.register_forward_hook(self._on_model))
+
+    def remove(self) -> None:
+        """Take the hooks off the model: it is the user's again when the run ends."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     # -- activations ----------------------------------------------------------
 
@@ -372,9 +377,13 @@ class LayerTable:
         }
 
     def _done(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.remove()
+        self.rows = sorted(self._seen.values(), key=lambda r: r["position"])
+
+    def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self.rows = sorted(self._seen.values(), key=lambda r: r["position"])
+        self._handles = []
 
 
 class Progress:
