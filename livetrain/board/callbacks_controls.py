@@ -285,7 +285,6 @@ def register_fields(app: Dash, ctx: BoardContext) -> None:
         )
 
 
-
 def register_sending(app: Dash, ctx: BoardContext) -> None:
     @app.callback(
         Output("submission", "data"),
