@@ -30,7 +30,7 @@ CASES = {
     "activation_std_high": [
         *DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--init", "normal:1", "--max-steps", "40"
     ],
-    "exploding_gradients": [*DIGITS, "--optimizer", "SGD", "--lr", "1.0", "--max-steps", "60"],
+    "exploding_gradients": [*DIGITS, "--optimizer", "SGD", "--lr", "0.7", "--max-steps", "60"],
     "overfitting": [
         "--log-every", "5", "--overfit-batches", "1", "--dropout", "0", "--lr", "3e-3",
         "--epochs", "1000", "--max-steps", "90",

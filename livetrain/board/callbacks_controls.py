@@ -224,6 +224,12 @@ def _current_state(ctx: BoardContext, run_id: int) -> ApplyStatus:
 
 
 def register(app: Dash, ctx: BoardContext) -> None:
+    """The control form: its fields, then what is sent and what became of it."""
+    register_fields(app, ctx)
+    register_sending(app, ctx)
+
+
+def register_fields(app: Dash, ctx: BoardContext) -> None:
     @app.callback(
         Output("optimizer-select", "value"),
         Output("lr-input", "value", allow_duplicate=True),
@@ -278,6 +284,8 @@ def register(app: Dash, ctx: BoardContext) -> None:
             [errors.get(n, "") for n in names],
         )
 
+
+def register_sending(app: Dash, ctx: BoardContext) -> None:
     @app.callback(
         Output("submission", "data"),
         Input("submit-params", "n_clicks"),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from livetrain.db.store import ParameterState
 from livetrain.trainer.checkpointing import (
     Checkpoint,
     CheckpointRefusedError,
@@ -55,9 +56,9 @@ def resume_checkpoint(run: LiveRun, run_id: int, directory: Path
 
 
 def resume_run(run: LiveRun, run_id: int, directory: Path
-               ) -> tuple[tuple[Checkpoint, Restorable], int, int]:
+               ) -> tuple[tuple[Checkpoint, Restorable], ParameterState, int]:
     """Claim the run, check its checkpoint and reopen it: (the checkpoint to restore, the
-    parameters version to start listening after, the rollback request already handled).
+    parameters row to adopt at the restored step, the rollback request already handled).
     ResumeRefusedError when it cannot be resumed."""
     store = run.store
     if run.ranks.is_main:
@@ -82,14 +83,16 @@ def resume_run(run: LiveRun, run_id: int, directory: Path
                 store.add_event(run_id, "error", "resume_refused",  # error still says why
                                 f"cannot resume: {checkpoint}; the run is left as it was")
         raise ResumeRefusedError(checkpoint)
-    handled_rollback = 0
+    state = None
     if run.ranks.is_main:
         # The parameters row is honoured as it stands, except a stop or pause left from
         # before: resuming is asking the run to go on.
         state = store.get_parameters(run_id)
         if state.stop_train or state.pause_train:
             store.submit_parameters(run_id, stop_train=False, pause_train=False)
+            state = store.get_parameters(run_id)
         store.reopen_run(run_id)
-        handled_rollback = 0 if "rollback_request" in state.rejected() \
-            else state.rollback_request  # a bad count counts as 0
-    return checkpoint, 0, run.ranks.from_main(handled_rollback)
+    state = run.ranks.from_main(state)
+    handled_rollback = 0 if "rollback_request" in state.rejected() \
+        else state.rollback_request  # a bad count counts as 0
+    return checkpoint, state, handled_rollback

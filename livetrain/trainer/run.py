@@ -160,8 +160,9 @@ class LiveRun:
         self.resumed: tuple[Checkpoint, Restorable] | None = None
         if resume is not None:
             self.run_id = resume
-            self.resumed, seen_version, handled_rollback = resume_run(
+            self.resumed, self._resumed_row, handled_rollback = resume_run(
                 self, resume, checkpoint_dir / f"run_{resume}")
+            seen_version = self._resumed_row.version  # adopted at the restored step
             run_name = self.store.get_run(resume)["name"] if self.ranks.is_main else None
         elif self.ranks.is_main:  # under torchrun, rank 0 alone owns the run in the database
             run_name = name or f"{model_name.lower()}-{now():%Y%m%d-%H%M%S}"
@@ -218,6 +219,7 @@ class LiveRun:
                     self.writer.event("warning", "checkpoint_refused", f"{why}; it cannot be "
                                       "rolled back to")
             self.restore(*self.resumed)
+            self.control.adopt(self._resumed_row)  # a change made while the run was down
             self.writer.event("info", "run_resumed", f"run {self.run_id} resumed from its "
                               f"checkpoint of step {self.global_step} (it had logged up to step "
                               f"{interrupted_at}); steps after the checkpoint are kept as an "
@@ -226,7 +228,7 @@ class LiveRun:
                 say(f"rank {self.ranks.rank}: resumed run {self.run_id} at step "
                     f"{self.global_step}")
         self.resumed = None
-        self._prepare_next_step()
+        self._boundary()
 
     def __enter__(self) -> LiveRun:
         return self
@@ -329,6 +331,10 @@ class LiveRun:
             self._blow_up(loss)
         else:
             self._count(loss.mean(), outputs, targets)
+        self._boundary()
+
+    def _boundary(self) -> None:
+        """Between two steps: adopt what the board asks, wait while it pauses the run."""
         self.control.poll()
         if self.control.paused:
             self.control.wait_while_paused()
