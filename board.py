@@ -4,7 +4,7 @@
     python board.py --db postgresql://postgres@127.0.0.1/postgres --port 8050
     python board.py --db postgresql://... --workers 4   # gunicorn, for many viewers
 
-It reads and writes only the database contract (db/schema.py), so it works
+It reads and writes only the database contract (livetrain/db/schema.py), so it works
 with a trainer on another machine, with several runs, and after a restart. It
 keeps no state between requests (the page holds what it shows, the database the
 rest), so any worker may answer any request.
