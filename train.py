@@ -19,6 +19,7 @@ import argparse
 import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -192,7 +193,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str], ranks: Ranks, stop: Sto
     except UnusableDatabaseError as exc:
         say(f"error: {exc}")
         return 1
-    return sweep.run(base, combos, args.parallel, args.run_name, stop.requested)
+    return sweep.run(Path(__file__).resolve(), base, combos, args.parallel, args.run_name,
+                     stop.requested)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-TRAIN = Path(__file__).resolve().parent / "train.py"
 ALIASES = {"lr": "--lr", "wd": "--weight-decay"}
 
 
@@ -58,10 +57,11 @@ def run_name(base: str | None, combo: list[str]) -> str:
     return f"{base} {label}" if base else f"sweep {label}"
 
 
-def run(base: list[str], combos: list[list[str]], parallel: int, base_name: str | None,
-        stop: threading.Event) -> int:
-    """Run every combination; 0 when every run ended with 0."""
-    waiting = [[sys.executable, str(TRAIN), *base, *combo, "--run-name", run_name(base_name, combo)]
+def run(script: Path, base: list[str], combos: list[list[str]], parallel: int,
+        base_name: str | None, stop: threading.Event) -> int:
+    """Run every combination of `script` (train.py); 0 when every run ended with 0."""
+    waiting = [[sys.executable, str(script), *base, *combo,
+                "--run-name", run_name(base_name, combo)]
                for combo in combos]
     running: list[subprocess.Popen] = []
     codes: list[int] = []
