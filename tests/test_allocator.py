@@ -16,7 +16,8 @@ def keep_freed_memory_in_a_fresh_process(**env: str) -> str:
     clean = {k: v for k, v in os.environ.items()
              if k not in ("GLIBC_TUNABLES", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
     return subprocess.run(
-        [sys.executable, "-c", "from livetrain.trainer.allocator import keep_freed_memory as k; print(k())"],
+        [sys.executable, "-c",
+         "from livetrain.trainer.allocator import keep_freed_memory as k; print(k())"],
         cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, check=True,
     ).stdout.strip()
 
