@@ -108,6 +108,10 @@ CREATE TABLE statistics (
 	validate_loss DOUBLE PRECISION,
 	validate_accuracy DOUBLE PRECISION,
 	samples_per_second DOUBLE PRECISION,
+	train_loss_count INTEGER,
+	train_loss_std DOUBLE PRECISION,
+	validate_loss_count INTEGER,
+	validate_loss_std DOUBLE PRECISION,
 	PRIMARY KEY (run_id, step),
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
 );
@@ -144,6 +148,10 @@ CREATE TABLE abandoned_statistics (
 	validate_loss DOUBLE PRECISION,
 	validate_accuracy DOUBLE PRECISION,
 	samples_per_second DOUBLE PRECISION,
+	train_loss_count INTEGER,
+	train_loss_std DOUBLE PRECISION,
+	validate_loss_count INTEGER,
+	validate_loss_std DOUBLE PRECISION,
 	PRIMARY KEY (run_id, branch, step),
 	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
 );
@@ -237,3 +245,27 @@ CREATE TABLE events (
 );
 
 CREATE INDEX events_run_id_event_id ON events (run_id, event_id);
+
+CREATE TABLE alerts (
+	run_id INTEGER NOT NULL,
+	alert_id TEXT NOT NULL,
+	code TEXT NOT NULL,
+	level TEXT NOT NULL,
+	layer_name TEXT,
+	status TEXT NOT NULL,
+	first_step INTEGER NOT NULL,
+	last_step INTEGER NOT NULL,
+	logs INTEGER NOT NULL,
+	resolved_step INTEGER,
+	measure TEXT,
+	worst_value DOUBLE PRECISION,
+	message TEXT NOT NULL,
+	recommendation TEXT,
+	fix JSONB,
+	dt_first TIMESTAMP WITH TIME ZONE DEFAULT clock_timestamp() NOT NULL,
+	dt_last TIMESTAMP WITH TIME ZONE DEFAULT clock_timestamp() NOT NULL,
+	PRIMARY KEY (run_id, alert_id),
+	CONSTRAINT alerts_level_check CHECK (level IN ('info', 'warning', 'error')),
+	CONSTRAINT alerts_status_check CHECK (status IN ('open', 'resolved', 'rolled_back')),
+	FOREIGN KEY(run_id) REFERENCES runs (run_id) ON DELETE CASCADE
+);

@@ -267,6 +267,14 @@ statistics = Table(
     Column("validate_loss", Double),
     Column("validate_accuracy", Double),
     Column("samples_per_second", Double),
+    # How far each estimate can be trusted (issue 13): the per-step training losses
+    # the interval averaged, and the per-batch validation losses. The standard error
+    # of train_loss is train_loss_std / sqrt(train_loss_count); the board draws
+    # +-2 standard errors as a band, and the health rules test against it.
+    Column("train_loss_count", Integer),  # steps averaged into train_loss
+    Column("train_loss_std", Double),  # sample std of those steps' losses
+    Column("validate_loss_count", Integer),  # validation batches averaged
+    Column("validate_loss_std", Double),  # sample std of their losses
 )
 
 activations = Table(
@@ -382,6 +390,34 @@ events = Table(
     CheckConstraint(_in("level", EVENT_LEVELS), name="events_level_check"),
 )
 Index("events_run_id_event_id", events.c.run_id, events.c.event_id)
+
+# One row per problem (issue 13): an episode of a diagnostic condition, keyed by the
+# trainer. Its first log also writes an `events` row (the log of what happened); this
+# row then follows the condition while it holds and says when it ended.
+ALERT_STATUSES = ("open", "resolved", "rolled_back")
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("alert_id", Text, primary_key=True),  # chosen by the trainer, unique in the run
+    Column("code", Text, nullable=False),  # as in events.code, e.g. loss_rising
+    Column("level", Text, nullable=False),
+    Column("layer_name", Text),  # the layer it is about, if any
+    Column("status", Text, nullable=False),
+    Column("first_step", Integer, nullable=False),  # the first log it held at
+    Column("last_step", Integer, nullable=False),  # the latest log it still held at
+    Column("logs", Integer, nullable=False),  # logs it held at
+    Column("resolved_step", Integer),  # the first log it no longer held at (or rolled back to)
+    Column("measure", Text),  # what worst_value is, e.g. "update:parameter ratio"
+    Column("worst_value", Double),  # the measure at its worst over the episode
+    Column("message", Text, nullable=False),  # the latest log's wording
+    Column("recommendation", Text),
+    Column("fix", JSONDocument),  # a parameters change that applies the recommendation
+    _timestamp("dt_first"),
+    _timestamp("dt_last"),
+    CheckConstraint(_in("level", EVENT_LEVELS), name="alerts_level_check"),
+    CheckConstraint(_in("status", ALERT_STATUSES), name="alerts_status_check"),
+)
 Index("runs_dt_started", runs.c.dt_started)
 
 # Any client may steer a run with a plain UPDATE. The triggers make that safe:

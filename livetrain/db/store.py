@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Insert,
     Engine,
     create_engine,
     delete,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.types import NullType
@@ -342,6 +344,7 @@ class Batch:
     system_metrics: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # snapshots: the last one wins
     acknowledgements: list[dict[str, Any]] = field(default_factory=list)
     removed_checkpoints: list[int] = field(default_factory=list)  # their steps
     # Written before anything else in the batch: a rollback to this step moves the
@@ -420,14 +423,35 @@ class SqliteCommitWatch:
             time.sleep(min(SQLITE_WAKE_SECONDS, left))
 
 
-# Batch fields written as plain inserts, in an order that respects foreign keys.
+# Batch fields written as inserts, in an order that respects foreign keys.
 ROW_TABLES = {
     t.name: t
     for t in (
         s.statistics, s.activations, s.layer_statistics, s.layer_histograms,
-        s.model_layers, s.system_metrics, s.checkpoints, s.events,
+        s.model_layers, s.system_metrics, s.checkpoints, s.events, s.alerts,
     )
 }
+# Tables whose rows are snapshots of one thing as it changes: a row replaces the one
+# with the same key, on PostgreSQL and SQLite alike (INSERT ... ON CONFLICT DO UPDATE).
+UPSERT_KEYS = {"alerts": ("run_id", "alert_id")}
+
+
+def _latest_per_key(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per key, the last given: one statement may not update a row twice."""
+    return list({tuple(r.get(k) for k in key): r for r in rows}.values())
+
+
+def _insert(conn: Connection, name: str, rows: list[dict[str, Any]]) -> Insert:
+    """A plain INSERT, or for a snapshot table an upsert of the given columns."""
+    table = ROW_TABLES[name]
+    key = UPSERT_KEYS.get(name)
+    if key is None:
+        return insert(table)
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table)
+    changing = set(rows[0]) - set(key) - {"dt_first"}
+    return statement.on_conflict_do_update(
+        index_elements=list(key), set_={c: statement.excluded[c] for c in sorted(changing)})
 
 
 class Store:
@@ -711,9 +735,12 @@ class Store:
                 conn.execute(
                     delete(c).where(c.c.run_id == run_id, c.c.step.in_(batch.removed_checkpoints))
                 )
-            for name, table in ROW_TABLES.items():
+            for name in ROW_TABLES:
                 if rows := getattr(batch, name):
-                    conn.execute(insert(table), _uniform(run_id, rows))
+                    rows = _uniform(run_id, rows)
+                    if name in UPSERT_KEYS:
+                        rows = _latest_per_key(rows, UPSERT_KEYS[name])
+                    conn.execute(_insert(conn, name, rows), rows)
             if batch.acknowledgements:
                 self._insert_changes(conn, run_id, batch.acknowledgements)
                 last = max(batch.acknowledgements, key=lambda a: a["version"])
@@ -811,3 +838,11 @@ class Store:
         with self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
 
+
+    def alerts(self, run_id: int) -> list[dict[str, Any]]:
+        """The run's diagnostic episodes, open ones first, then the most recent."""
+        t = s.alerts
+        query = select(t).where(t.c.run_id == run_id).order_by(
+            (t.c.status == "open").desc(), t.c.last_step.desc(), t.c.alert_id)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
