@@ -67,10 +67,9 @@ class Validation:
                  batches: int) -> None:
         self.model, self.loader, self.device, self.batches = model, loader, device, batches
 
-    def __call__(self, full: bool = False) -> dict[str, float]:
-        loss, accuracy = evaluate(self.model, self.loader, self.device,
-                                  max_batches=None if full else self.batches)
-        return {"loss": loss, "accuracy": accuracy}
+    def __call__(self, full: bool = False) -> dict[str, float | int | None]:
+        return evaluate(self.model, self.loader, self.device,
+                        max_batches=None if full else self.batches)
 
 
 def build(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Playground:

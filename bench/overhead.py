@@ -112,10 +112,9 @@ def run_api(steps: int, log_every: int, db: str, logdir: str) -> float:
 
     model, optimizer, train_loader, val_loader, classes = playground()
 
-    def validate(full: bool = False) -> dict[str, float]:
-        loss, accuracy = evaluate(model, val_loader, torch.device("cpu"),
-                                  max_batches=None if full else VALIDATION_BATCHES)
-        return {"loss": loss, "accuracy": accuracy}
+    def validate(full: bool = False) -> dict[str, float | int | None]:
+        return evaluate(model, val_loader, torch.device("cpu"),
+                        max_batches=None if full else VALIDATION_BATCHES)
 
     with LiveRun(model, optimizer, db=db, name="bench-api", log_every=log_every,
                  validate=validate, num_classes=classes, steps_per_epoch=len(train_loader),
@@ -170,8 +169,9 @@ def run_variant(variant: str, steps: int, log_every: int, db: str, logdir: str) 
                 lambda m, i, o, name=layer.name: captured.__setitem__(name, o.detach()))
 
     def log(step: int, train_loss: float, before: list[torch.Tensor], full: bool) -> None:
-        val_loss, val_acc = evaluate(model, val_loader, torch.device("cpu"),
-                                     max_batches=None if full else VALIDATION_BATCHES)
+        result = evaluate(model, val_loader, torch.device("cpu"),
+                          max_batches=None if full else VALIDATION_BATCHES)
+        val_loss, val_acc = result["loss"], result["accuracy"]
         if board is None:
             return
         board.add_scalar("loss/train", train_loss, step)

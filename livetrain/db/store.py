@@ -16,8 +16,8 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    Insert,
     Engine,
+    Insert,
     create_engine,
     delete,
     event,

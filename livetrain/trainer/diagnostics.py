@@ -99,6 +99,8 @@ class StepRecord:
     weight_decay: float
     dropout: int  # percent
     layers: tuple[LayerRecord, ...]
+    train_loss_se: float | None = None  # standard error of train_loss (None: not measured)
+    validate_loss_se: float | None = None  # standard error of validate_loss
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from livetrain.db.contract import Hyperparameters
 from livetrain.db.store import now
 from livetrain.trainer.diagnostics import Diagnostician, LayerRecord, StepRecord
 from livetrain.trainer.steering import learning_rate_in_force
+from livetrain.trainer.telemetry import IntervalSummary
 
 if TYPE_CHECKING:
     from livetrain.trainer.run import LiveRun
@@ -26,6 +28,11 @@ Validate = Callable[..., Mapping[str, Any]]
 
 def _float(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+def _standard_error(std: float | None, count: int | None) -> float | None:
+    """std / sqrt(count): how far a mean of `count` values can be off (None: unknown)."""
+    return None if std is None or not count else std / math.sqrt(count)
 
 
 def takes_full(validate: Validate | None) -> bool:
@@ -39,17 +46,43 @@ def takes_full(validate: Validate | None) -> bool:
         return False
 
 
-def validation_figures(result: Any) -> tuple[float, float | None]:
-    """(loss, accuracy or None) from what a user's validate returned; ValueError when it
-    is not a mapping with a numeric "loss" (a clear message, not a crash deep inside)."""
+@dataclass(frozen=True)
+class ValidationFigures:
+    """What a validation said: its loss, and how far that loss can be trusted."""
+
+    loss: float
+    accuracy: float | None
+    loss_std: float | None  # std of the per-batch losses, when the validation gave it
+    batches: int | None
+
+
+def _optional_number(result: Mapping[str, Any], key: str) -> float | None:
+    value = result.get(key)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"validate returned a {key} that is not a number: {value!r:.40}") \
+            from None
+
+
+def validation_figures(result: Any) -> ValidationFigures:
+    """The figures of what a user's validate returned; ValueError when it is not a mapping
+    with a numeric "loss" (a clear message, not a crash deep inside).
+
+    "loss_std" (the std of the per-batch losses) and "batches" are optional: with them the
+    board draws the loss's noise band and the rules know the noise without guessing it."""
     if not isinstance(result, Mapping) or "loss" not in result:
         raise ValueError(f"validate must return a mapping with a 'loss', got {result!r:.80}")
-    loss, accuracy = result["loss"], result.get("accuracy")
-    try:
-        return float(loss), None if accuracy is None else float(accuracy)
-    except (TypeError, ValueError):
-        raise ValueError(f"validate returned a loss or accuracy that is not a number: "
-                         f"{loss!r:.40}, {accuracy!r:.40}") from None
+    loss = _optional_number(result, "loss")
+    if loss is None:
+        raise ValueError("validate returned a loss of None")
+    std, batches = _optional_number(result, "loss_std"), _optional_number(result, "batches")
+    usable = (std is not None and batches is not None and batches >= 2 and std >= 0
+              and math.isfinite(std) and batches == int(batches))
+    return ValidationFigures(loss, _optional_number(result, "accuracy"),
+                             std if usable else None, int(batches) if usable else None)
 
 
 class Logbook:
@@ -74,19 +107,19 @@ class Logbook:
         validates and writes while the others wait for what it decided.
         """
         run = self.run
-        train_loss, train_acc = run.metrics.summary(run.ranks.sum)
+        interval = run.metrics.summary(run.ranks.sum)
         if run.ranks.is_main:
-            self.write(full_validation, train_loss, train_acc)
+            self.write(full_validation, interval)
         control = run.control
         control.paused, run.finishing = run.ranks.any(control.paused, run.finishing)
         self.last_logged = run.global_step
         self.interval_start, self.interval_samples = time.perf_counter(), 0
 
-    def run_validation(self, full: bool) -> tuple[float | None, float | None]:
+    def run_validation(self, full: bool) -> ValidationFigures | None:
         """The user's validation, with the probe recording its first forward pass and
         parameter changes taken between its batches."""
         if self.validate is None:
-            return None, None
+            return None
         run = self.run
         run.probe.arm_next_forward()
         run.validating = not run.ranks.distributed  # between batches needs no agreement
@@ -96,18 +129,21 @@ class Logbook:
             run.validating = False
         return validation_figures(result)
 
-    def write(self, full_validation: bool, train_loss: float | None,
-              train_acc: float | None) -> None:
+    def write(self, full_validation: bool, interval: IntervalSummary) -> None:
         run = self.run
         ran_with, lr = run.control.params, learning_rate_in_force(run.optimizer)
-        val_loss, val_acc = self.run_validation(full_validation)
+        validation = self.run_validation(full_validation)
         elapsed = time.perf_counter() - self.interval_start
         run.writer.statistics({
             "step": run.global_step, "epoch": run.epoch, "dt": now(),
             "optimizer": ran_with.optimizer, "learning_rate": lr,
             "weight_decay": ran_with.weight_decay, "dropout": ran_with.dropout,
-            "train_loss": train_loss, "train_accuracy": train_acc,
-            "validate_loss": val_loss, "validate_accuracy": val_acc,
+            "train_loss": interval.loss, "train_accuracy": interval.accuracy,
+            "train_loss_count": interval.steps or None, "train_loss_std": interval.loss_std,
+            "validate_loss": validation and validation.loss,
+            "validate_accuracy": validation and validation.accuracy,
+            "validate_loss_count": validation and validation.batches,
+            "validate_loss_std": validation and validation.loss_std,
             "samples_per_second": self.interval_samples / elapsed
             if self.interval_samples else None,
         })
@@ -117,21 +153,25 @@ class Logbook:
         telemetry = run.probe.rows(run.global_step)
         for table, rows in telemetry.items():
             run.writer.rows(table, rows)
-        self.diagnose(train_loss, val_loss, telemetry["layer_statistics"], ran_with, lr)
+        val_loss = validation and validation.loss
+        self.diagnose(interval, validation, telemetry["layer_statistics"], ran_with, lr)
         if val_loss is not None:
             self.early_stop(val_loss)
-        self.last = {"train_loss": train_loss, "validate_loss": val_loss,
+        self.last = {"train_loss": interval.loss, "validate_loss": val_loss,
                      "learning_rate": learning_rate_in_force(run.optimizer)}
 
     def diagnose(
-        self, train_loss: float | None, val_loss: float | None, layers: list[dict[str, Any]],
-        ran_with: Hyperparameters, lr: float,
+        self, interval: IntervalSummary, validation: ValidationFigures | None,
+        layers: list[dict[str, Any]], ran_with: Hyperparameters, lr: float,
     ) -> None:
         """Run the health rules on this log; a non-finite value pauses the run."""
         run = self.run
         record = StepRecord(
-            step=run.global_step, train_loss=_float(train_loss),
-            validate_loss=_float(val_loss) if self.validate is not None else None,
+            step=run.global_step, train_loss=_float(interval.loss),
+            train_loss_se=_standard_error(interval.loss_std, interval.steps),
+            validate_loss=None if validation is None else validation.loss,
+            validate_loss_se=None if validation is None
+            else _standard_error(validation.loss_std, validation.batches),
             learning_rate=lr, optimizer=ran_with.optimizer,
             weight_decay=ran_with.weight_decay, dropout=ran_with.dropout,
             layers=tuple(LayerRecord(

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,8 +32,19 @@ NONLINEARITIES = (
 )
 
 
+@dataclass(frozen=True)
+class IntervalSummary:
+    """The training figures of one log interval; None where nothing was measured."""
+
+    loss: float | None  # mean per sample (per step when batch sizes are unknown)
+    accuracy: float | None  # percent, for classification
+    steps: int  # steps averaged
+    loss_std: float | None  # sample std of the per-step losses (None below 2 steps)
+
+
 class IntervalMetrics:
-    """Training loss (and accuracy, for classification) averaged since the last log.
+    """Training loss (and accuracy, for classification) averaged since the last log,
+    with the spread of the per-step losses: how far the average can be trusted.
 
     Sums stay on the device: adding a step costs a few tensor additions, no sync.
     """
@@ -42,8 +54,11 @@ class IntervalMetrics:
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.loss_sum = zero.clone()
         self.weight = 0  # samples when the batch size is known, else steps
+        self.step_loss_sum, self.step_loss_squares = zero.clone(), zero.clone()
+        self.steps = 0
         self.correct = torch.zeros((), device=self.device, dtype=torch.long)
         self.predicted = 0  # targets the accuracy counts (0: not classification)
         self.samples = 0
@@ -53,8 +68,12 @@ class IntervalMetrics:
         """Count one step; returns its number of samples when the tensors tell it."""
         n = batch_size(outputs, targets)
         weight = n or 1
-        self.loss_sum += loss.detach().to(self.device, torch.float64) * weight
+        value = loss.detach().to(self.device, torch.float64)
+        self.loss_sum += value * weight
         self.weight += weight
+        self.step_loss_sum += value
+        self.step_loss_squares += value * value
+        self.steps += 1
         if n and looks_like_classification(outputs, targets):
             self.correct += (outputs.detach().argmax(dim=1) == targets).sum().to(self.device)
             self.predicted += targets.numel()
@@ -63,22 +82,29 @@ class IntervalMetrics:
 
     def summary(
         self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> tuple[float | None, float | None]:
-        """(mean loss, accuracy % or None) and start a new interval; None before any step.
+    ) -> IntervalSummary:
+        """The interval's figures, and start a new interval.
 
         `reduce` sums the interval's totals over torchrun ranks: the figures are
         then the whole job's, not rank 0's shard's.
         """
-        counts = torch.tensor([float(self.weight), float(self.predicted)],
+        counts = torch.tensor([float(self.weight), float(self.predicted), float(self.steps)],
                               device=self.device, dtype=torch.float64)
-        totals = torch.cat([torch.stack([self.loss_sum, self.correct.double()]), counts])
+        totals = torch.cat([torch.stack([self.loss_sum, self.correct.double(),
+                                         self.step_loss_sum, self.step_loss_squares]), counts])
         if reduce is not None:
             totals = reduce(totals)
-        loss_sum, correct, weight, predicted = totals.tolist()
+        loss_sum, correct, step_sum, step_squares, weight, predicted, steps = totals.tolist()
         self.reset()
         if not weight:
-            return None, None
-        return loss_sum / weight, (100.0 * correct / predicted if predicted else None)
+            return IntervalSummary(None, None, 0, None)
+        std = None
+        if steps >= 2:
+            variance = (step_squares - step_sum * step_sum / steps) / (steps - 1)
+            std = math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else None
+        return IntervalSummary(loss_sum / weight,
+                               100.0 * correct / predicted if predicted else None,
+                               int(steps), std)
 
 
 def batch_size(outputs: Any, targets: Any) -> int | None:
@@ -110,18 +136,21 @@ def evaluate(
     max_batches: int | None = None,
     probe: LayerProbe | None = None,
     between_batches: Callable[[], None] | None = None,
-) -> tuple[float, float]:
-    """(mean loss, accuracy %) over `max_batches` batches (all when None), in eval mode.
+) -> dict[str, float | int | None]:
+    """Cross-entropy validation over `max_batches` batches (all when None), in eval mode.
 
-    The probe records activations on the first batch: the same images every
-    time, so histograms are comparable from one log to the next. `between_batches`
-    lets the trainer take a parameter change without waiting for the whole pass.
+    Returns what LiveRun's `validate` returns: "loss" (per sample), "accuracy" (%), and
+    the spread of the per-batch losses, "loss_std" (None for one batch) and "batches",
+    which tell the board and the health rules how far the loss can be trusted. The probe
+    records activations on the first batch: the same images every time, so histograms
+    are comparable from one log to the next. `between_batches` lets the trainer take a
+    parameter change without waiting for the whole pass.
     """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device)
+    batch_losses: list[torch.Tensor] = []
     correct = torch.zeros((), device=device, dtype=torch.long)
-    samples = 0
+    sizes: list[int] = []
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -131,14 +160,19 @@ def evaluate(
                 logits = model(x)
         else:
             logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+        batch_losses.append(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += (logits.argmax(dim=1) == y).sum()
-        samples += y.shape[0]
+        sizes.append(y.shape[0])
         if between_batches is not None:
             between_batches()
     model.train(was_training)
-    n = max(samples, 1)
-    return (loss_sum / n).item(), 100.0 * correct.item() / n
+    if not sizes:
+        return {"loss": 0.0, "accuracy": 0.0, "loss_std": None, "batches": 0}
+    sums = torch.stack(batch_losses).double().cpu()
+    means = sums / torch.tensor(sizes, dtype=torch.float64)
+    samples = sum(sizes)
+    return {"loss": sums.sum().item() / samples, "accuracy": 100.0 * correct.item() / samples,
+            "loss_std": means.std().item() if len(sizes) > 1 else None, "batches": len(sizes)}
 
 
 def _finite_range(x: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
