@@ -1,7 +1,10 @@
 """Training-health rules: pure functions over logged telemetry (no torch, no SQL, no I/O).
 
-At every logged step the trainer hands a StepRecord to a Diagnostician; each Finding that comes
-back becomes an `events` row, and the board offers its `fix` as a one-click parameter change.
+At every logged step the trainer hands a StepRecord to a Diagnostician
+(livetrain.trainer.diagnostician), which runs every rule here and groups what they find into
+episodes, one `alerts` row per problem; the board offers a finding's `fix` as a one-click
+parameter change. Rules that read the loss decide on evidence, not on raw percentages: see
+livetrain.trainer.evidence for the tests and their false-alarm rate.
 Each threshold names its source seed (../shared/seeds, see its README). All were checked on
 telemetry recorded from real training runs, computed as LayerRecord defines it: the default
 (small CNN, Adam, lr 3e-4, mnist5k; 3 seeds, 10-20 epochs) raises nothing, and each broken run
@@ -18,14 +21,13 @@ What the rules assume of the records:
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import pairwise
-from statistics import fmean, linear_regression, median
+from statistics import fmean, median
 
 from livetrain.db.contract import DEFAULTS, DROPOUT_MAX, LR_MAX, WEIGHT_DECAY_MAX
+from livetrain.trainer.evidence import Estimate, noise, pooled, trend, z_above, z_threshold
 
 # seed 003: an untrained C-class softmax model should lose -ln(1/C) (2.302 for 10 classes). The
 # default init lands within 0.02 of it (2.298-2.313 measured); N(0, 1) weights gave 21835.
@@ -35,24 +37,37 @@ INITIAL_LOSS_TOLERANCE = 0.5  # warn when |L0 - ln C| > 0.5 ln C (L0 outside 1.1
 UPDATE_RATIO_TARGET = 1e-3
 UPDATE_RATIO_LOW = 1e-4
 UPDATE_RATIO_HIGH = 1e-2
-UPDATE_RATIO_LOGS = 3  # consecutive logs out of the band, per layer
 
 # seeds 000/001: activation std about 0.5..2.0; "far outside" it signals trouble.
 ACTIVATION_STD_LOW = 0.5
 ACTIVATION_STD_HIGH = 2.0
 ACTIVATION_STD_FACTOR = 2.0  # how far outside the band counts as far (see rule_activation_std)
-ACTIVATION_STD_LOGS = 5  # consecutive logs
 
 # seed 003: dead ReLUs, units that output zero for every input.
 DEAD_RELU_FRACTION = 0.5  # "most units of the layer"
-DEAD_RELU_LOGS = 2
+
+# Per-layer rules read one probe batch per log, so a condition must hold at several logs
+# in a row: at least MIN_PERSIST_LOGS, and either far out (FAR_DECADES summed over those
+# logs: the orders of magnitude beyond the limit) or for long (PERSIST_LOGS logs spanning
+# PERSIST_STEPS steps). One odd batch cannot raise it, nor can the first steps of a healthy
+# run, which sit near the limits (Adam's first update ratios: 1.3x the upper one, measured),
+# while a broken run is far out at once (Adam at lr 0.05: 17x, 6x, 3x at its first logs).
+MIN_PERSIST_LOGS = 3
+FAR_DECADES = 1.0
+PERSIST_LOGS = 5
+PERSIST_STEPS = 100
+DEAD_FAR_FRACTION = 0.9  # nearly every unit dead counts as far
 
 # seeds 000/001: the loss should fall; rising -> lr too high or bad normalization; flat (or
 # falling very slowly) -> lr too low or a hard optimization, try another updater.
-LOSS_RISING_LOGS = 6  # compares the medians of the window's two halves
-LOSS_RISING_FRACTION = 0.10  # rise of the later half over the earlier one
-LOSS_FLAT_LOGS = 8
-LOSS_FLAT_CHANGE = 0.01  # change of a line fitted through the window, relative to its mean
+# Each is a one-sided test at evidence.ALPHA per log (z about 3.7), and a change must also
+# be large enough to matter: a certain rise of 2 % is not worth an alert.
+RISING_RECENT_LOGS = (2, 4, 8)  # the mean of the last 2, 4 or 8 logs (a jump or a climb) ...
+RISING_REFERENCE_LOGS = 16  # ... against the mean of up to 16 before them (8 at least)
+LOSS_RISING_FRACTION = 0.10  # and at least 10 % above it
+FLAT_LOGS = 12  # a plateau is judged on a line through at least 12 logs ...
+FLAT_STEPS = 50  # ... spanning at least 50 steps
+FLAT_FALL = 0.05  # flat or slow: surely less than 5 % lower across that window
 LOSS_FLAT_FLOOR = 0.1  # times ln C: below this the loss is low enough to level off
 
 # seed 003 (and 001: "watch for unusually large updates"): exploding gradients.
@@ -61,8 +76,9 @@ GRADIENT_BASELINE_LOGS = 10
 GRADIENT_BASELINE_MIN_LOGS = 5
 
 # seed 002: early stopping; L2 typically 1e-3..1e-6; dropout 0.5 is common.
-OVERFIT_LOGS = 6  # compares the medians of the window's two halves
-OVERFIT_RISE = 0.10  # validation rise of the later half over the earlier one
+OVERFIT_RECENT_LOGS = 8  # the mean of the last 8 validation losses ...
+OVERFIT_BLOCK_LOGS = 16  # ... against the best mean of earlier blocks of 16 (8 at least)
+OVERFIT_RISE = 0.10  # and at least 10 % above it
 OVERFIT_WEIGHT_DECAY_START = 1e-4  # suggested when weight decay is 0
 OVERFIT_WEIGHT_DECAY_MAX = 1e-3  # past this, suggest more dropout instead
 OVERFIT_DROPOUT_STEP = 20  # percent
@@ -113,6 +129,9 @@ class Finding:
     recommendation: str
     fix: dict[str, float | str] | None  # keys among optimizer, learning_rate, weight_decay, dropout
     layer: str | None = None
+    measure: str | None = None  # what `value` is, e.g. "update:parameter ratio"
+    value: float | None = None  # the measure at this log, kept at its worst by an episode
+    higher_is_worse: bool = True
 
 
 Rule = Callable[[Sequence[StepRecord], int], list[Finding]]
@@ -180,117 +199,169 @@ def rule_initial_loss(history: Sequence[StepRecord], num_classes: int) -> list[F
         f"initial validation loss {_g(loss)} is far from -ln(1/{num_classes}) = {_g(expected)}, "
         f"the loss of an untrained {num_classes}-class model"
     )
-    return [Finding("initial_loss", "warning", message, advice, None)]
+    return [Finding("initial_loss", "warning", message, advice, None, None,
+                    "initial validation loss", loss, loss > expected)]
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """The trailing logs at which one layer's value was out of bounds, in order."""
+
+    steps: list[int]
+    values: list[float]
+
+    def persists(self, far: bool) -> bool:
+        """Held long enough to report: MIN_PERSIST_LOGS logs when far out, else
+        PERSIST_LOGS logs spanning PERSIST_STEPS steps."""
+        n = len(self.steps)
+        return n >= MIN_PERSIST_LOGS and (far or (
+            n >= PERSIST_LOGS and self.steps[-1] - self.steps[0] >= PERSIST_STEPS))
+
+    def describe(self) -> str:
+        return (f"at each of the last {len(self.steps)} logs "
+                f"(steps {self.steps[0]}-{self.steps[-1]})")
+
+
+def _stretch(records: Sequence[StepRecord], name: str, field: str,
+             out: Callable[[LayerRecord], bool | None]) -> Stretch:
+    """The trailing stretch of `records` at which layer `name` is out by `out`, which says
+    True (out), False (in: the stretch ends) or None (undefined at that log: skipped)."""
+    steps: list[int] = []
+    values: list[float] = []
+    for record in reversed(records):
+        for layer in record.layers:
+            if layer.name != name:
+                continue
+            verdict = out(layer)
+            if verdict is False:
+                return Stretch(steps[::-1], values[::-1])
+            if verdict:
+                steps.append(record.step)
+                values.append(getattr(layer, field))
+    return Stretch(steps[::-1], values[::-1])
+
+
+def _decades_beyond(values: Sequence[float], limit: float, above: bool) -> float:
+    """Orders of magnitude beyond `limit`, summed over values (inf for a zero below)."""
+    total = 0.0
+    for v in values:
+        if v <= 0:
+            return math.inf
+        total += math.log10(v / limit) if above else math.log10(limit / v)
+    return total
+
+
+def _ratio_out(side: str) -> Callable[[LayerRecord], bool | None]:
+    """Whether a layer's update ratio is out on `side`; None where it says nothing: NaN or
+    zero (undefined, or a frozen layer) and, on the low side, a zero gradient (no gradient
+    reaches a dead or frozen layer, and a higher lr would not change that)."""
+    def out(layer: LayerRecord) -> bool | None:
+        r = layer.update_ratio
+        if not math.isfinite(r) or r <= 0 or (side == "low" and layer.grad_norm == 0):
+            return None
+        return r > UPDATE_RATIO_HIGH if side == "high" else r < UPDATE_RATIO_LOW
+    return out
 
 
 def rule_update_ratio(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
-    """Seeds 000-002: a layer's update:parameter ratio out of 1e-4..1e-2 for 3 logs in a row.
+    """Seeds 000-002: a layer's update:parameter ratio out of 1e-4..1e-2, persistently
+    (Stretch.persists; far out is a decade beyond the limit, summed over the logs).
 
-    NaN and zero ratios are skipped (undefined, or a frozen layer). On the low side, logs where
-    the layer's gradient is exactly 0 are skipped too: no gradient reaches a dead or frozen layer,
-    and a higher learning rate would not change that (measured: Adam at lr 0.1 killed the net
-    and its ratios fell to 1e-13; raising the lr would be the wrong advice). The fix scales lr
-    by 1e-3 / (median ratio of the offending layers).
+    Measured: Adam at lr 0.1 killed the net and its ratios fell to 1e-13 with zero
+    gradients; raising the lr would be the wrong advice, hence zero gradients are skipped
+    on the low side. The fix scales lr by 1e-3 / (median ratio of the offending layers).
     """
     record = history[-1]
     trained = _trained(history)
-    offending: dict[str, dict[str, float]] = {"high": {}, "low": {}}
+    offending: dict[str, dict[str, Stretch]] = {"high": {}, "low": {}}
     for layer in record.layers:
-        pairs = zip(
-            _layer_values(trained, layer.name, "update_ratio"),
-            _layer_values(trained, layer.name, "grad_norm"),
-            strict=True,
-        )
-        defined = [(r, g) for r, g in pairs if math.isfinite(r) and r > 0]
-        high = [r for r, _ in defined][-UPDATE_RATIO_LOGS:]
-        low = [r for r, g in defined if g != 0][-UPDATE_RATIO_LOGS:]
-        if len(high) == UPDATE_RATIO_LOGS and all(r > UPDATE_RATIO_HIGH for r in high):
-            offending["high"][layer.name] = median(high)
-        elif len(low) == UPDATE_RATIO_LOGS and all(r < UPDATE_RATIO_LOW for r in low):
-            offending["low"][layer.name] = median(low)
+        for side, limit in (("high", UPDATE_RATIO_HIGH), ("low", UPDATE_RATIO_LOW)):
+            stretch = _stretch(trained, layer.name, "update_ratio", _ratio_out(side))
+            far = _decades_beyond(stretch.values, limit, side == "high") >= FAR_DECADES
+            if stretch.persists(far):
+                offending[side][layer.name] = stretch
     findings = []
-    for side, ratios in offending.items():
-        if not ratios:
+    for side, stretches in offending.items():
+        if not stretches:
             continue
         recommendation, fix = _lr_advice(
             record,
-            UPDATE_RATIO_TARGET / median(ratios.values()),
+            UPDATE_RATIO_TARGET / median(median(s.values) for s in stretches.values()),
             f"the learning rate is too {side} (seeds 000-002: aim for a ratio near 1e-3)",
         )
         where = "above" if side == "high" else "below"
-        for name, ratio in ratios.items():
+        for name, stretch in stretches.items():
+            ratio = stretch.values[-1]
             message = (
                 f"layer {name}: updates are 10^{math.log10(ratio):.1f} of its weights "
-                f"(update:parameter ratio {_g(ratio)}) for {UPDATE_RATIO_LOGS} logs in a row, "
-                f"{where} the healthy 10^{math.log10(UPDATE_RATIO_LOW):g} to "
-                f"10^{math.log10(UPDATE_RATIO_HIGH):g}"
+                f"(update:parameter ratio {_g(ratio)}), {where} the healthy "
+                f"10^{math.log10(UPDATE_RATIO_LOW):g} to 10^{math.log10(UPDATE_RATIO_HIGH):g} "
+                f"{stretch.describe()}"
             )
-            findings.append(
-                Finding(f"update_ratio_{side}", "warning", message, recommendation, fix, name)
-            )
+            findings.append(Finding(
+                f"update_ratio_{side}", "warning", message, recommendation, fix, name,
+                "update:parameter ratio", ratio, side == "high"))
     return findings
 
 
 def rule_activation_std(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
-    """Seeds 000/001: activation std far outside 0.5..2.0 on 5 consecutive logs.
+    """Seeds 000/001: activation std far outside 0.5..2.0, persistently (Stretch.persists).
 
-    The band is the seeds' and the board draws it, but a layer is flagged only when every one
-    of its last 5 trained logs is more than ACTIVATION_STD_FACTOR (2x) beyond it: below 0.25 or
-    above 4.0. Why not the bare band: post-ReLU activations of healthy nets sit on its edges.
-    BatchNorm'd conv layers give ReLU(N(0, 1)), std 0.58 (measured 0.55-0.59, so a slight drop
-    of the BN scale, e.g. from weight decay, would cross 0.5); the default run's fc layer grows
-    steadily past 2.0 (2.0-2.2 at 10 epochs, 2.6 at 20, on 3 seeds) while validation loss still
-    falls. Broken runs are far outside: N(0, 1) init gave 14-26, a dead layer 0.00. The seeds
-    themselves say "far from" / "significantly outside" the range. Also skipped: the step-0
-    record (eval-mode BatchNorm still has its initial running statistics: 0.12-0.41 measured on
-    healthy nets), layers without a nonlinearity (logits) and non-finite values.
+    The band is the seeds' and the board draws it, but a layer is out only when it is more
+    than ACTIVATION_STD_FACTOR (2x) beyond it: below 0.25 or above 4.0. Why not the bare band:
+    post-ReLU activations of healthy nets sit on its edges. BatchNorm'd conv layers give
+    ReLU(N(0, 1)), std 0.58 (measured 0.55-0.59, so a slight drop of the BN scale, e.g. from
+    weight decay, would cross 0.5); the default run's fc layer grows steadily past 2.0 (2.0-2.2
+    at 10 epochs, 2.6 at 20, on 3 seeds) while validation loss still falls. Broken runs are
+    far outside: N(0, 1) init gave 14-26, a dead layer 0.00. The seeds themselves say "far
+    from" / "significantly outside" the range. Also skipped: the step-0 record (eval-mode
+    BatchNorm still has its initial running statistics: 0.12-0.41 measured on healthy nets),
+    layers without a nonlinearity (logits) and non-finite values.
     """
     trained = _trained(history)
     low = ACTIVATION_STD_LOW / ACTIVATION_STD_FACTOR
     high = ACTIVATION_STD_HIGH * ACTIVATION_STD_FACTOR
+    advice = {
+        "activation_std_low": "activations are vanishing: check the weight initialisation "
+        "(Kaiming/ReLU init for ReLU layers, seed 002), that the inputs are normalised, or "
+        "add batch norm",
+        "activation_std_high": "activations are exploding: normalise the inputs (mean 0, "
+        "std 1), check the weight initialisation, or lower the learning rate",
+    }
     findings = []
     for layer in history[-1].layers:
         if not layer.has_nonlinearity:
             continue
-        stds = [s for s in _layer_values(trained, layer.name, "act_std") if math.isfinite(s)]
-        stds = stds[-ACTIVATION_STD_LOGS:]
-        if len(stds) < ACTIVATION_STD_LOGS:
-            continue
-        if all(s < low for s in stds):
-            code, limit, advice = (
-                "activation_std_low",
-                f"below {_g(low)}",
-                "activations are vanishing: check the weight initialisation (Kaiming/ReLU init "
-                "for ReLU layers, seed 002), that the inputs are normalised, or add batch norm",
+        for code, limit, above in (("activation_std_low", low, False),
+                                   ("activation_std_high", high, True)):
+            stretch = _stretch(trained, layer.name, "act_std", lambda r, lim=limit, up=above: (
+                None if not math.isfinite(r.act_std) else (
+                    r.act_std > lim if up else r.act_std < lim)))
+            if not stretch.persists(_decades_beyond(stretch.values, limit, above)
+                                    >= FAR_DECADES):
+                continue
+            message = (
+                f"layer {layer.name}: activation std {_g(stretch.values[-1])}, "
+                f"{'above' if above else 'below'} {_g(limit)} {stretch.describe()}; healthy "
+                f"is about {ACTIVATION_STD_LOW:g} to {ACTIVATION_STD_HIGH:g}"
             )
-        elif all(s > high for s in stds):
-            code, limit, advice = (
-                "activation_std_high",
-                f"above {_g(high)}",
-                "activations are exploding: normalise the inputs (mean 0, std 1), check the "
-                "weight initialisation, or lower the learning rate",
-            )
-        else:
-            continue
-        message = (
-            f"layer {layer.name}: activation std {_g(median(stds))} (median of the last "
-            f"{ACTIVATION_STD_LOGS} logs, all {limit}; healthy is about "
-            f"{ACTIVATION_STD_LOW:g} to {ACTIVATION_STD_HIGH:g})"
-        )
-        findings.append(Finding(code, "warning", message, advice, None, layer.name))
+            findings.append(Finding(code, "warning", message, advice[code], None, layer.name,
+                                    "activation std", stretch.values[-1], above))
     return findings
 
 
 def rule_dead_relu(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
-    """Seed 003: most units of a layer output zero for every sample, 2 logs in a row."""
-    recent = history[-DEAD_RELU_LOGS:]
+    """Seed 003: most units of a layer output zero for every sample, persistently
+    (Stretch.persists; far out is nearly every unit dead at every log)."""
     record = history[-1]
+    trained = _trained(history)
     findings = []
     for layer in record.layers:
         if not layer.has_nonlinearity:
             continue
-        fractions = _layer_values(recent, layer.name, "dead_fraction")
-        if len(fractions) < DEAD_RELU_LOGS or not all(f > DEAD_RELU_FRACTION for f in fractions):
+        stretch = _stretch(trained, layer.name, "dead_fraction", lambda r: (
+            None if not math.isfinite(r.dead_fraction) else r.dead_fraction > DEAD_RELU_FRACTION))
+        if not stretch.persists(all(f >= DEAD_FAR_FRACTION for f in stretch.values)):
             continue
         recommendation, fix = _lr_advice(
             record, 0.1, "dead ReLUs usually follow too large updates (seed 003)"
@@ -300,79 +371,125 @@ def rule_dead_relu(history: Sequence[StepRecord], num_classes: int) -> list[Find
             "(Kaiming/ReLU init) or use leaky ReLU"
         )
         message = (
-            f"layer {layer.name}: {_g(100 * layer.dead_fraction)} % of its units output zero for "
-            f"every sample of the validation batch ({DEAD_RELU_LOGS} logs in a row)"
+            f"layer {layer.name}: {_g(100 * stretch.values[-1])} % of its units output zero "
+            f"for every sample of the validation batch, most of them dead {stretch.describe()}"
         )
-        findings.append(Finding("dead_relu", "warning", message, recommendation, fix, layer.name))
+        findings.append(Finding("dead_relu", "warning", message, recommendation, fix,
+                                layer.name, "dead units, %", 100 * stretch.values[-1]))
     return findings
+
+
+def _losses(records: Sequence[StepRecord], field: str) -> tuple[list[float], list[float]] | None:
+    """A loss series and each value's noise (evidence.noise); None when a value is not
+    finite or the noise cannot be told."""
+    values = [getattr(r, field) for r in records]
+    if not all(v is not None and math.isfinite(v) for v in values):
+        return None
+    sigmas = noise(values, [getattr(r, f"{field}_se") for r in records])
+    return None if sigmas is None else (values, sigmas)
+
+
+def _rise(values: Sequence[float], sigmas: Sequence[float]) -> tuple[int, Estimate,
+                                                                     Estimate, float] | None:
+    """The shortest recent window (RISING_RECENT_LOGS) whose mean stands above the up to
+    RISING_REFERENCE_LOGS logs before it, beyond noise and by LOSS_RISING_FRACTION:
+    (its length, the earlier and the recent mean, z). Bonferroni over the window lengths."""
+    threshold = z_threshold(comparisons=len(RISING_RECENT_LOGS))
+    for recent in RISING_RECENT_LOGS:
+        split = len(values) - recent
+        start = max(0, split - RISING_REFERENCE_LOGS)
+        if split - start < RISING_REFERENCE_LOGS // 2:
+            return None
+        before = pooled(values[start:split], sigmas[start:split])
+        after = pooled(values[split:], sigmas[split:])
+        z = z_above(after, before)
+        if z >= threshold and after.mean > before.mean * (1 + LOSS_RISING_FRACTION):
+            return recent, before, after, z
+    return None
 
 
 def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
     """Seeds 000/001: the training loss keeps rising -> lr too high or bad normalization.
 
-    Fires when the median of the last 3 logs' training loss is > 10 % above the median of the 3
-    before. Medians of halves, not "N increases in a row": a blow-up is often one jump that the
-    latter misses, and noise alone gives 4 rises in a row once in 120 logs. Silent when dropout
-    or weight decay was raised inside the window: more regularisation raises the training loss
-    by design (and is what the overfitting fix suggests).
+    Fires when the mean training loss of the last 2, 4 or 8 logs (a jump is seen at once, a
+    climb once it adds up) stands above the mean of the up to 16 logs before them (8 at
+    least) by more than z_threshold() standard errors (one-sided, false-alarm rate
+    evidence.ALPHA per log, split over the three windows) and by at least 10 %. Silent when
+    dropout or weight decay was raised inside the window: more regularisation raises the
+    training loss by design (and is what the overfitting fix suggests).
     """
-    window = _trained(history)[-LOSS_RISING_LOGS:]
-    losses = [r.train_loss for r in window]
-    if len(window) < LOSS_RISING_LOGS or not all(math.isfinite(x) for x in losses):
-        return []
+    window = _trained(history)[-(max(RISING_RECENT_LOGS) + RISING_REFERENCE_LOGS):]
     if any(b.dropout > a.dropout or b.weight_decay > a.weight_decay for a, b in pairwise(window)):
         return []
-    before, after = _halves(losses)
-    if after <= before * (1 + LOSS_RISING_FRACTION):
+    series = _losses(window, "train_loss")
+    found = None if series is None else _rise(*series)
+    if found is None:
         return []
+    recent, before, after, z = found
     recommendation, fix = _lr_advice(
         window[-1],
         0.1,
         "the learning rate is probably too high, or the inputs are badly normalised "
         "(seeds 000/001)",
     )
+    rise = 100 * (after.mean / before.mean - 1)
     message = (
-        f"training loss rose {_g(100 * (after / before - 1))} % over the last "
-        f"{LOSS_RISING_LOGS} logs (median {_g(before)} -> {_g(after)})"
+        f"training loss rose {_g(rise)} % (mean of the last {recent} logs {_g(after.mean)} "
+        f"against {_g(before.mean)} before them; {z:.1f} standard errors, beyond noise)"
     )
-    return [Finding("loss_rising", "warning", message, recommendation, fix)]
+    return [Finding("loss_rising", "warning", message, recommendation, fix, None,
+                    "rise, %", rise)]
+
+
+def _flat_window(trained: Sequence[StepRecord]) -> Sequence[StepRecord] | None:
+    """The shortest suffix of at least FLAT_LOGS logs spanning FLAT_STEPS steps."""
+    for start in range(len(trained) - FLAT_LOGS, -1, -1):
+        if trained[-1].step - trained[start].step >= FLAT_STEPS:
+            return trained[start:]
+    return None
 
 
 def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
-    """Seeds 000/001: the training loss stopped falling while still high.
+    """Seeds 000/001: the training loss stopped falling (flat) or crawls (slow) while high.
 
-    Fires when a least-squares line through the last 8 logs' training loss (against the step,
-    as epoch-end logs come at odd steps) changes by < 1 % of its mean across them, and that mean
-    is above 0.1 ln C (0.23 for 10 classes; a lower loss may level off). A fitted line, not the
-    first and last logs: with 3 % noise on a loss falling 1 % a log, it calls 1 window in 20000
-    flat, where comparing the medians of the halves called 1 in 60. Silent after a collapse,
-    where raising the lr would be the wrong advice: when any layer is mostly dead (measured: Adam
-    at lr 0.1 killed the net, which then sat at ln C with zero gradients; dead_relu reports it)
-    or when the loss was > 10 % lower before (a setback; loss_rising reported the jump). The fix
-    is lr x 10, or for SGD-family optimizers a switch to Adam at the default lr, as seed 001
-    suggests another updater.
+    A weighted line through the training loss of the last 16+ logs spanning 200+ steps
+    (evidence.trend, against the step: epoch-end logs come at odd steps) must show, beyond
+    noise, that the loss fell by less than 5 % of its level across the window: the fall plus
+    z_threshold() standard errors is below 5 %. A noisy series therefore never counts as
+    flat: it may be falling. Then "loss_flat" when the fall is not significant (it may be
+    zero), and "loss_slow" when it is (the loss does fall, slowly: raise the lr a little).
+    Only while the level is above 0.1 ln C (0.23 for 10 classes; a lower loss may level
+    off). Silent after a collapse, where raising the lr would be the wrong advice: when any
+    layer is mostly dead (dead_relu reports it) or when the loss was > 10 % lower before (a
+    setback; loss_rising reported the jump). The flat fix is lr x 10, or for SGD-family
+    optimizers a switch to Adam at the default lr, as seed 001 suggests another updater.
     """
     trained = _trained(history)
-    window = trained[-LOSS_FLAT_LOGS:]
-    losses = [r.train_loss for r in window]
-    if len(window) < LOSS_FLAT_LOGS or not all(math.isfinite(x) for x in losses):
+    window = _flat_window(trained)
+    series = None if window is None else _losses(window, "train_loss")
+    if window is None or series is None:
         return []
-    level = fmean(losses)
-    if num_classes >= 2 and level <= LOSS_FLAT_FLOOR * math.log(num_classes):
+    values, sigmas = series
+    line = trend([r.step for r in window], values, sigmas)
+    if line.level <= 0 or (num_classes >= 2
+                           and line.level <= LOSS_FLAT_FLOOR * math.log(num_classes)):
         return []
-    steps = [r.step for r in window]
-    change = linear_regression(steps, losses).slope * (steps[-1] - steps[0]) / level
-    if abs(change) >= LOSS_FLAT_CHANGE:
+    span = window[-1].step - window[0].step
+    fall, fall_se = -line.slope * span / line.level, line.se * span / line.level
+    threshold = z_threshold()
+    if fall + threshold * fall_se >= FLAT_FALL:
         return []
     record = window[-1]
-    if any(layer.dead_fraction > DEAD_RELU_FRACTION for layer in record.layers):
-        return []
     best = min(r.train_loss for r in trained if math.isfinite(r.train_loss))
-    if level > best * (1 + LOSS_RISING_FRACTION):
+    if any(layer.dead_fraction > DEAD_RELU_FRACTION for layer in record.layers) \
+            or line.level > best * (1 + LOSS_RISING_FRACTION):
         return []
+    if fall >= threshold * fall_se:
+        return [_slow_finding(record, line.level, fall, window)]
     message = (
-        f"training loss has stayed near {_g(level)} over the last {LOSS_FLAT_LOGS} logs "
-        f"(steps {steps[0]}-{steps[-1]}, fitted change {_g(100 * change)} %)"
+        f"training loss has stayed near {_g(line.level)} over the last {len(window)} logs "
+        f"(steps {window[0].step}-{record.step}: fitted change {_g(-100 * fall)} %, surely "
+        f"less than a {_g(100 * FLAT_FALL)} % fall)"
     )
     if record.optimizer in SGD_FAMILY:
         lr = DEFAULTS["learning_rate"]
@@ -385,7 +502,22 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
         recommendation, fix = _lr_advice(
             record, 10.0, "the learning rate is probably too low (seeds 000/001)"
         )
-    return [Finding("loss_flat", "warning", message, recommendation, fix)]
+    return [Finding("loss_flat", "warning", message, recommendation, fix, None,
+                    "fall across the window, %", 100 * fall, False)]
+
+
+def _slow_finding(record: StepRecord, level: float, fall: float,
+                  window: Sequence[StepRecord]) -> Finding:
+    """loss_slow: a real but small fall; a modestly higher lr is the advice."""
+    recommendation, fix = _lr_advice(
+        record, 3.0, "the loss is falling, but slowly: the learning rate may be too low "
+        "(seeds 000/001)")
+    message = (
+        f"training loss is falling slowly: {_g(100 * fall)} % over the last {len(window)} logs "
+        f"(steps {window[0].step}-{record.step}) at a level of {_g(level)}"
+    )
+    return Finding("loss_slow", "info", message, recommendation, fix, None,
+                   "fall across the window, %", 100 * fall, False)
 
 
 def rule_exploding_gradients(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
@@ -417,36 +549,60 @@ def rule_exploding_gradients(history: Sequence[StepRecord], num_classes: int) ->
             f"{_g(layer.grad_norm / baseline)}x its median {_g(baseline)} over the previous "
             f"{len(previous)} logs"
         )
-        findings.append(
-            Finding("exploding_gradients", "warning", message, recommendation, fix, layer.name)
-        )
+        findings.append(Finding(
+            "exploding_gradients", "warning", message, recommendation, fix, layer.name,
+            "gradient norm over its median", layer.grad_norm / baseline))
     return findings
+
+
+def _best_block(values: Sequence[float], sigmas: Sequence[float],
+                end: int) -> tuple[slice, Estimate, int] | None:
+    """Among consecutive blocks of OVERFIT_BLOCK_LOGS logs ending at `end` and going back
+    (the oldest may be shorter, OVERFIT_RECENT_LOGS at least): (its slice, its mean, how
+    many blocks there were) of the lowest-mean block; None if there is none."""
+    blocks = []
+    while end - max(0, end - OVERFIT_BLOCK_LOGS) >= OVERFIT_RECENT_LOGS:
+        block = slice(max(0, end - OVERFIT_BLOCK_LOGS), end)
+        blocks.append((block, pooled(values[block], sigmas[block])))
+        end = block.start
+    if not blocks:
+        return None
+    block, best = min(blocks, key=lambda b: b[1].mean)
+    return block, best, len(blocks)
 
 
 def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
     """Seed 002: validation loss rising while training loss falls -> stop early or regularise.
 
-    Early stopping's own test: the validation loss (median of the last 3 logs) is > 10 %
-    above its best, reached at least 3 logs ago, while the training loss (median of the
-    last 3 logs) fell below its value at that best log. A slow climb counts as much as a
-    sudden one. The fix raises weight decay first (0 -> 1e-4, else x10, while below 1e-3:
-    seed 002's usual L2 range), then dropout by 20 points (up to 90 %).
+    Early stopping's own question, asked of evidence: does the mean validation loss of the
+    last 8 logs stand above the best mean of the blocks of 16 logs before them by more
+    than z_threshold() standard errors (Bonferroni over the blocks: picking the lowest of
+    several noisy means is itself a chance to be fooled) and by at least 10 %, while the
+    training loss fell (its mean over the same logs is lower)? A slow climb counts as
+    much as a sudden one. The fix raises weight decay first (0 -> 1e-4, else x10, while
+    below 1e-3: seed 002's usual L2 range), then dropout by 20 points (up to 90 %).
     """
-    window = [(r, r.validate_loss) for r in _trained(history) if r.validate_loss is not None]
-    if len(window) < OVERFIT_LOGS:
+    window = [r for r in _trained(history) if r.validate_loss is not None]
+    if len(window) < 2 * OVERFIT_RECENT_LOGS:
         return []
-    val = [v for _, v in window]
-    train = [r.train_loss for r, _ in window]
-    if not all(math.isfinite(x) for x in val[-OVERFIT_LOGS:] + train[-OVERFIT_LOGS:]):
+    val, train = _losses(window, "validate_loss"), [r.train_loss for r in window]
+    if val is None or not all(math.isfinite(x) for x in train):
         return []
-    best_index = min(range(len(val)), key=lambda i: val[i] if math.isfinite(val[i]) else math.inf)
-    if best_index > len(val) - 1 - OVERFIT_LOGS // 2:
+    values, sigmas = val
+    split = len(window) - OVERFIT_RECENT_LOGS
+    found = _best_block(values, sigmas, split)
+    if found is None:
         return []
-    val_before, val_after = val[best_index], statistics.median(val[-3:])
-    train_before, train_after = train[best_index], statistics.median(train[-3:])
-    if val_after <= val_before * (1 + OVERFIT_RISE) or train_after >= train_before:
+    block, best, blocks = found
+    recent = pooled(values[split:], sigmas[split:])
+    z = z_above(recent, best)
+    if z < z_threshold(comparisons=blocks) or recent.mean <= best.mean * (1 + OVERFIT_RISE):
         return []
-    best_step, record = window[best_index][0].step, window[-1][0]
+    train_before, train_after = fmean(train[block]), fmean(train[split:])
+    if train_after >= train_before:
+        return []
+    best_steps = f"steps {window[block.start].step}-{window[block.stop - 1].step}"
+    record = window[-1]
     fix: dict[str, float | str] | None
     if record.weight_decay < OVERFIT_WEIGHT_DECAY_MAX:
         wd = (
@@ -462,14 +618,17 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
         fix, change = None, "regularisation is already at its limits"
     recommendation = (
         f"the model is overfitting (seed 002): stop here (early stopping) and keep the "
-        f"checkpoint nearest step {best_step}, or regularise more: {change}"
+        f"checkpoint nearest {best_steps}, or regularise more: {change}"
     )
+    rise = 100 * (recent.mean / best.mean - 1)
     message = (
-        f"validation loss rose {_g(100 * (val_after / val_before - 1))} % above its best "
-        f"({_g(val_before)} at step {best_step} -> {_g(val_after)}) while training loss fell "
-        f"from {_g(train_before)} to {_g(train_after)}"
+        f"validation loss rose {_g(rise)} % above its best (mean {_g(best.mean)} over "
+        f"{best_steps} -> {_g(recent.mean)} over the last {OVERFIT_RECENT_LOGS} logs; "
+        f"{z:.1f} standard errors) while training loss fell from {_g(train_before)} to "
+        f"{_g(train_after)}"
     )
-    return [Finding("overfitting", "warning", message, recommendation, fix)]
+    return [Finding("overfitting", "warning", message, recommendation, fix, None,
+                    "validation loss rise, %", rise)]
 
 
 def rule_non_finite(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
@@ -515,59 +674,7 @@ RULES: tuple[Rule, ...] = (
     rule_activation_std,
     rule_dead_relu,
     rule_loss_rising,
-    rule_loss_flat,
+    rule_loss_flat,  # and loss_slow
     rule_exploding_gradients,
     rule_overfitting,
 )
-
-
-class Diagnostician:
-    """Keeps the recent history, runs every rule at each record, reports each condition once.
-
-    A condition is a (code, layer) pair: reported when it appears, again only after it has
-    cleared and come back. A record whose step is not after the previous one follows a
-    rollback: the abandoned records (steps >= the new one) are dropped and every condition is
-    forgotten, so what is still wrong on the new branch is reported afresh.
-    """
-
-    def __init__(self, num_classes: int | None) -> None:
-        """`num_classes` None: not a classifier (or not yet known); the rules that compare
-        with chance level stay silent."""
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"need at least 2 classes, got {num_classes}")
-        self.num_classes = num_classes
-        self._history: deque[StepRecord] = deque(maxlen=HISTORY_LOGS)
-        self._active: set[tuple[str, str | None]] = set()
-        self._ceiling = math.inf  # the lowest lr this run has blown up at
-
-    def note_blow_up(self, learning_rate: float) -> None:
-        """The run went non-finite at this lr: never suggest going back to it."""
-        self._ceiling = min(self._ceiling, learning_rate)
-
-    def _within_ceiling(self, finding: Finding, current_lr: float) -> Finding:
-        lr = (finding.fix or {}).get("learning_rate")
-        if not isinstance(lr, float | int) or lr < self._ceiling:
-            return finding
-        safe = float(f"{self._ceiling * BLOW_UP_MARGIN:.1g}")
-        note = f" (not above {_g(safe)}: lr {_g(self._ceiling)} made this run blow up)"
-        fix = {**finding.fix, "learning_rate": safe} if safe != current_lr else None
-        return replace(finding, fix=fix, recommendation=finding.recommendation + note)
-
-    @property
-    def history(self) -> tuple[StepRecord, ...]:
-        return tuple(self._history)
-
-    def observe(self, record: StepRecord) -> list[Finding]:
-        """Add a logged step; the findings that are new since the previous one."""
-        if self._history and record.step <= self._history[-1].step:
-            while self._history and self._history[-1].step >= record.step:
-                self._history.pop()
-            self._active.clear()
-        self._history.append(record)
-        history = tuple(self._history)
-        current = [finding for rule in RULES for finding in rule(history, self.num_classes or 0)]
-        if any(f.code == "non_finite" for f in current):
-            self.note_blow_up(record.learning_rate)
-        new = [f for f in current if (f.code, f.layer) not in self._active]
-        self._active = {(f.code, f.layer) for f in current}
-        return [self._within_ceiling(f, record.learning_rate) for f in new]

@@ -12,11 +12,14 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from livetrain.db.contract import Hyperparameters
 from livetrain.db.store import now
-from livetrain.trainer.diagnostics import Diagnostician, LayerRecord, StepRecord
+from livetrain.trainer.diagnostician import Diagnostician
+from livetrain.trainer.diagnostics import LayerRecord, StepRecord
+from livetrain.trainer.episodes import Episode
 from livetrain.trainer.steering import learning_rate_in_force
 from livetrain.trainer.telemetry import IntervalSummary
 
@@ -28,6 +31,11 @@ Validate = Callable[..., Mapping[str, Any]]
 
 def _float(value: float | None) -> float:
     return float("nan") if value is None else value
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """What a JSON-safe, database-safe column may hold: no NaN or infinity."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _standard_error(std: float | None, count: int | None) -> float | None:
@@ -94,6 +102,7 @@ class Logbook:
         self.validate = validate
         self.full_argument = takes_full(validate)
         self.doctor = Diagnostician(num_classes)
+        self.opened_at: dict[str, datetime] = {}  # open episodes' first moment, by alert_id
         self.early_stopping = early_stopping
         self.best_val, self.logs_since_best = math.inf, 0
         self.last_logged = -1
@@ -181,12 +190,35 @@ class Logbook:
                 update_ratio=_float(r["update_ratio"]), has_nonlinearity=r["has_nonlinearity"],
             ) for r in layers),
         )
-        for finding in self.doctor.observe(record):
+        changes = self.doctor.observe(record)
+        for change in changes:
+            finding = change.episode.finding
+            if change.kind != "opened":
+                continue
             run.writer.event(finding.level, finding.code, finding.message, step=run.global_step,
                              layer_name=finding.layer, recommendation=finding.recommendation,
                              fix=finding.fix)
             if finding.code == "non_finite" and run.global_step > 0:
                 run.control.paused = True  # before the next update
+        if changes:
+            run.writer.rows("alerts", [self.alert_row(c.episode) for c in changes])
+
+    def alert_row(self, episode: Episode) -> dict[str, Any]:
+        """The episode as its `alerts` row (a snapshot: the latest one replaces the rest)."""
+        moment = now()
+        opened = self.opened_at.setdefault(episode.alert_id, moment)
+        if episode.status != "open":
+            del self.opened_at[episode.alert_id]
+        finding = episode.finding
+        return {
+            "alert_id": episode.alert_id, "code": finding.code, "level": finding.level,
+            "layer_name": finding.layer, "status": episode.status,
+            "first_step": episode.first_step, "last_step": episode.last_step,
+            "logs": episode.logs, "resolved_step": episode.resolved_step,
+            "measure": finding.measure, "worst_value": _finite_or_none(episode.worst_value),
+            "message": finding.message, "recommendation": finding.recommendation,
+            "fix": finding.fix, "dt_first": opened, "dt_last": moment,
+        }
 
     def early_stop(self, val_loss: float) -> None:
         """seed 002: finish when validation has not improved for `early_stopping` logs."""

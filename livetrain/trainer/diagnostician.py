@@ -1,0 +1,77 @@
+"""The Diagnostician: a run's recent history, every health rule at each log, one alert
+per problem.
+
+The rules (livetrain.trainer.diagnostics) say what holds at a log; the episodes
+(livetrain.trainer.episodes) turn that into alerts that open, are held and resolve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import replace
+
+from livetrain.trainer.diagnostics import (
+    BLOW_UP_MARGIN,
+    HISTORY_LOGS,
+    RULES,
+    Finding,
+    StepRecord,
+    _g,
+)
+from livetrain.trainer.episodes import AlertChange, EpisodeBook
+
+
+class Diagnostician:
+    """Keeps the recent history, runs every rule at each record, keeps the episodes.
+
+    A record whose step is not after the previous one follows a rollback: the abandoned
+    records (steps >= the new one) are dropped and every open episode ends as rolled back,
+    so what is still wrong on the new branch opens afresh.
+    """
+
+    def __init__(self, num_classes: int | None) -> None:
+        """`num_classes` None: not a classifier (or not yet known); the rules that compare
+        with chance level stay silent."""
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"need at least 2 classes, got {num_classes}")
+        self.num_classes = num_classes
+        self._history: deque[StepRecord] = deque(maxlen=HISTORY_LOGS)
+        self.episodes = EpisodeBook()
+        self._ceiling = math.inf  # the lowest lr this run has blown up at
+
+    def note_blow_up(self, learning_rate: float) -> None:
+        """The run went non-finite at this lr: never suggest going back to it."""
+        self._ceiling = min(self._ceiling, learning_rate)
+
+    def _within_ceiling(self, finding: Finding, current_lr: float) -> Finding:
+        lr = (finding.fix or {}).get("learning_rate")
+        if not isinstance(lr, float | int) or lr < self._ceiling:
+            return finding
+        safe = float(f"{self._ceiling * BLOW_UP_MARGIN:.1g}")
+        note = f" (not above {_g(safe)}: lr {_g(self._ceiling)} made this run blow up)"
+        fix = {**finding.fix, "learning_rate": safe} if safe != current_lr else None
+        return replace(finding, fix=fix, recommendation=finding.recommendation + note)
+
+    @property
+    def history(self) -> tuple[StepRecord, ...]:
+        return tuple(self._history)
+
+    def findings(self, record: StepRecord) -> list[Finding]:
+        """Every condition that holds at this record, with fixes kept below a blow-up."""
+        history = tuple(self._history)
+        found = [finding for rule in RULES for finding in rule(history, self.num_classes or 0)]
+        if any(f.code == "non_finite" for f in found):
+            self.note_blow_up(record.learning_rate)
+        return [self._within_ceiling(f, record.learning_rate) for f in found]
+
+    def observe(self, record: StepRecord) -> list[AlertChange]:
+        """Add a logged step; what happened to the episodes: "opened" ones are new
+        problems, "held" ones go on, "resolved" and "rolled_back" ones ended."""
+        changes = []
+        if self._history and record.step <= self._history[-1].step:
+            while self._history and self._history[-1].step >= record.step:
+                self._history.pop()
+            changes = self.episodes.roll_back(record.step)
+        self._history.append(record)
+        return changes + self.episodes.update(record.step, self.findings(record))
