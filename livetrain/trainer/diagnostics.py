@@ -27,7 +27,15 @@ from itertools import pairwise
 from statistics import fmean, median
 
 from livetrain.db.contract import DEFAULTS, DROPOUT_MAX, LR_MAX, WEIGHT_DECAY_MAX
-from livetrain.trainer.evidence import Estimate, noise, pooled, trend, z_above, z_threshold
+from livetrain.trainer.evidence import (
+    Estimate,
+    Noise,
+    noise,
+    pooled,
+    trend,
+    z_above,
+    z_threshold,
+)
 
 # seed 003: an untrained C-class softmax model should lose -ln(1/C) (2.302 for 10 classes). The
 # default init lands within 0.02 of it (2.298-2.313 measured); N(0, 1) weights gave 21835.
@@ -379,22 +387,27 @@ def rule_dead_relu(history: Sequence[StepRecord], num_classes: int) -> list[Find
     return findings
 
 
-def _losses(records: Sequence[StepRecord], field: str) -> tuple[list[float], list[float]] | None:
+def _losses(records: Sequence[StepRecord], field: str) -> tuple[list[float], Noise] | None:
     """A loss series and each value's noise (evidence.noise); None when a value is not
     finite or the noise cannot be told."""
     values = [getattr(r, field) for r in records]
     if not all(v is not None and math.isfinite(v) for v in values):
         return None
-    sigmas = noise(values, [getattr(r, f"{field}_se") for r in records])
-    return None if sigmas is None else (values, sigmas)
+    told = noise(values, [getattr(r, f"{field}_se") for r in records])
+    return None if told is None else (values, told)
 
 
-def _rise(values: Sequence[float], sigmas: Sequence[float]) -> tuple[int, Estimate,
-                                                                     Estimate, float] | None:
+def _z_words(z: float) -> str:
+    """z for a message: "4.2 standard errors", or "over 100" past any meaning."""
+    return f"{z:.1f} standard errors" if z < 100 else "over 100 standard errors"
+
+
+def _rise(values: Sequence[float], told: Noise) -> tuple[int, Estimate, Estimate, float] | None:
     """The shortest recent window (RISING_RECENT_LOGS) whose mean stands above the up to
     RISING_REFERENCE_LOGS logs before it, beyond noise and by LOSS_RISING_FRACTION:
     (its length, the earlier and the recent mean, z). Bonferroni over the window lengths."""
-    threshold = z_threshold(comparisons=len(RISING_RECENT_LOGS))
+    sigmas = told.sigmas
+    threshold = z_threshold(comparisons=len(RISING_RECENT_LOGS), dof=told.dof)
     for recent in RISING_RECENT_LOGS:
         split = len(values) - recent
         start = max(0, split - RISING_REFERENCE_LOGS)
@@ -435,7 +448,7 @@ def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     rise = 100 * (after.mean / before.mean - 1)
     message = (
         f"training loss rose {_g(rise)} % (mean of the last {recent} logs {_g(after.mean)} "
-        f"against {_g(before.mean)} before them; {z:.1f} standard errors, beyond noise)"
+        f"against {_g(before.mean)} before them; {_z_words(z)}, beyond noise)"
     )
     return [Finding("loss_rising", "warning", message, recommendation, fix, None,
                     "rise, %", rise)]
@@ -452,12 +465,13 @@ def _flat_window(trained: Sequence[StepRecord]) -> Sequence[StepRecord] | None:
 def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
     """Seeds 000/001: the training loss stopped falling (flat) or crawls (slow) while high.
 
-    A weighted line through the training loss of the last 16+ logs spanning 200+ steps
+    A weighted line through the training loss of the last 12+ logs spanning 50+ steps
     (evidence.trend, against the step: epoch-end logs come at odd steps) must show, beyond
     noise, that the loss fell by less than 5 % of its level across the window: the fall plus
-    z_threshold() standard errors is below 5 %. A noisy series therefore never counts as
-    flat: it may be falling. Then "loss_flat" when the fall is not significant (it may be
-    zero), and "loss_slow" when it is (the loss does fall, slowly: raise the lr a little).
+    z_threshold() standard errors is below 5 %, and it is not surely rising (that is
+    loss_rising's to judge). A series too noisy to tell is never called flat: it may be
+    falling. Then "loss_flat" when the fall is not significant (it may be zero), and
+    "loss_slow" when it is (the loss does fall, slowly: raise the lr a little).
     Only while the level is above 0.1 ln C (0.23 for 10 classes; a lower loss may level
     off). Silent after a collapse, where raising the lr would be the wrong advice: when any
     layer is mostly dead (dead_relu reports it) or when the loss was > 10 % lower before (a
@@ -469,16 +483,16 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
     series = None if window is None else _losses(window, "train_loss")
     if window is None or series is None:
         return []
-    values, sigmas = series
-    line = trend([r.step for r in window], values, sigmas)
+    values, told = series
+    line = trend([r.step for r in window], values, told.sigmas)
     if line.level <= 0 or (num_classes >= 2
                            and line.level <= LOSS_FLAT_FLOOR * math.log(num_classes)):
         return []
     span = window[-1].step - window[0].step
     fall, fall_se = -line.slope * span / line.level, line.se * span / line.level
-    threshold = z_threshold()
-    if fall + threshold * fall_se >= FLAT_FALL:
-        return []
+    threshold = z_threshold(dof=told.dof)
+    if fall + threshold * fall_se >= FLAT_FALL or fall <= -threshold * fall_se:
+        return []  # not surely small, or surely rising: loss_rising's to judge
     record = window[-1]
     best = min(r.train_loss for r in trained if math.isfinite(r.train_loss))
     if any(layer.dead_fraction > DEAD_RELU_FRACTION for layer in record.layers) \
@@ -588,7 +602,8 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     val, train = _losses(window, "validate_loss"), [r.train_loss for r in window]
     if val is None or not all(math.isfinite(x) for x in train):
         return []
-    values, sigmas = val
+    values, told = val
+    sigmas = told.sigmas
     split = len(window) - OVERFIT_RECENT_LOGS
     found = _best_block(values, sigmas, split)
     if found is None:
@@ -596,7 +611,8 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     block, best, blocks = found
     recent = pooled(values[split:], sigmas[split:])
     z = z_above(recent, best)
-    if z < z_threshold(comparisons=blocks) or recent.mean <= best.mean * (1 + OVERFIT_RISE):
+    if z < z_threshold(comparisons=blocks, dof=told.dof) \
+            or recent.mean <= best.mean * (1 + OVERFIT_RISE):
         return []
     train_before, train_after = fmean(train[block]), fmean(train[split:])
     if train_after >= train_before:
@@ -624,7 +640,7 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     message = (
         f"validation loss rose {_g(rise)} % above its best (mean {_g(best.mean)} over "
         f"{best_steps} -> {_g(recent.mean)} over the last {OVERFIT_RECENT_LOGS} logs; "
-        f"{z:.1f} standard errors) while training loss fell from {_g(train_before)} to "
+        f"{_z_words(z)}) while training loss fell from {_g(train_before)} to "
         f"{_g(train_after)}"
     )
     return [Finding("overfitting", "warning", message, recommendation, fix, None,

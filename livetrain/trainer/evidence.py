@@ -25,11 +25,31 @@ ALPHA = 1e-4  # false alarms per rule per log, under the noise model
 MAD_TO_STD = 1.4826  # a normal sample's std over its median absolute deviation
 MIN_SCATTER_LOGS = 5  # successive differences needed to estimate a series' own scatter
 NOISELESS = 1e-9  # the relative noise given to values that have none
+MAD_EFFICIENCY = 0.37  # a MAD estimate of noise is worth 0.37 of a std's degrees of freedom
+MIN_DOF = 3.0  # fewer effective degrees of freedom are counted as this many
 
 
-def z_threshold(alpha: float = ALPHA, comparisons: int = 1) -> float:
-    """The one-sided z a test must reach; Bonferroni over `comparisons` candidates."""
-    return NormalDist().inv_cdf(1.0 - alpha / max(comparisons, 1))
+def z_threshold(alpha: float = ALPHA, comparisons: int = 1, dof: float | None = None) -> float:
+    """The one-sided z a test must reach; Bonferroni over `comparisons` candidates.
+
+    `dof`: the noise was estimated from the series itself with that many degrees of
+    freedom, so the test's statistic is Student-t, not normal, and its tail is longer.
+    """
+    z = NormalDist().inv_cdf(1.0 - alpha / max(comparisons, 1))
+    return z if dof is None else student_t_quantile(z, dof)
+
+
+def student_t_quantile(z: float, dof: float) -> float:
+    """The Student-t quantile matching the normal quantile z (Cornish-Fisher expansion,
+    Abramowitz & Stegun 26.7.5); it errs high, the safe side, below about 5 dof."""
+    v = max(dof, MIN_DOF)
+    terms = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
+    return z + sum(term / v ** (k + 1) for k, term in enumerate(terms))
 
 
 def scatter(values: Sequence[float]) -> float | None:
@@ -43,12 +63,21 @@ def scatter(values: Sequence[float]) -> float | None:
     return MAD_TO_STD * median(abs(d - centre) for d in steps) / math.sqrt(2)
 
 
-def noise(values: Sequence[float], errors: Sequence[float | None]) -> list[float] | None:
+@dataclass(frozen=True)
+class Noise:
+    """Each value's noise, and whether some of it is only the series' own scatter."""
+
+    sigmas: list[float]
+    dof: float | None  # the scatter's degrees of freedom if any value relies on it, else None
+
+
+def noise(values: Sequence[float], errors: Sequence[float | None]) -> Noise | None:
     """Each value's noise: the larger of its standard error and the series' scatter.
 
     None when neither is known for some value: a rule then cannot judge and stays silent.
-    A noiseless series still gets a tiny noise, relative to its values, so that a test of
-    it divides by something.
+    Where a value has no standard error the scatter alone stands for it, and the scatter
+    is itself an estimate: `dof` says how good, for z_threshold. A noiseless series still
+    gets a tiny noise, relative to its values, so that a test of it divides by something.
     """
     spread = scatter(values)
     sigmas = []
@@ -57,7 +86,8 @@ def noise(values: Sequence[float], errors: Sequence[float | None]) -> list[float
         if not known:
             return None
         sigmas.append(max(*known, NOISELESS * max(1.0, abs(value))))
-    return sigmas
+    measured = all(e is not None and math.isfinite(e) for e in errors)
+    return Noise(sigmas, None if measured else MAD_EFFICIENCY * (len(values) - 1))
 
 
 @dataclass(frozen=True)
@@ -69,9 +99,16 @@ class Estimate:
 
 
 def pooled(values: Sequence[float], sigmas: Sequence[float]) -> Estimate:
-    """The plain mean of `values` and its standard error given each value's noise."""
-    n = len(values)
-    return Estimate(sum(values) / n, math.sqrt(sum(s * s for s in sigmas)) / n)
+    """The inverse-variance weighted mean of `values` and its standard error.
+
+    Weighted, not plain: a log whose loss blew up within its interval has a huge spread,
+    and says little about the level; a plain mean would let its one wild value decide.
+    With equal noise it is the plain mean.
+    """
+    weights = [1.0 / (s * s) for s in sigmas]
+    total = sum(weights)
+    return Estimate(sum(w * v for w, v in zip(weights, values, strict=True)) / total,
+                    1.0 / math.sqrt(total))
 
 
 def z_above(later: Estimate, earlier: Estimate) -> float:
