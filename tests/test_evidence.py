@@ -15,6 +15,8 @@ import pytest
 
 from livetrain.trainer.evidence import (
     ALPHA,
+    MAD_EFFICIENCY,
+    MIN_DOF,
     MIN_SCATTER_LOGS,
     NOISELESS,
     Estimate,
@@ -85,8 +87,20 @@ def test_noise_is_the_larger_of_the_se_and_the_scatter() -> None:
     values = gaussian(1, 30, 0.3)
     spread = scatter(values)
     assert spread is not None and 0.2 < spread < 0.4
-    sigmas = noise(values, [0.1] * 10 + [1.0] * 10 + [None] * 10)
-    assert sigmas == [spread] * 10 + [1.0] * 10 + [spread] * 10
+    told = noise(values, [0.1] * 10 + [1.0] * 10 + [None] * 10)
+    assert told is not None and told.sigmas == [spread] * 10 + [1.0] * 10 + [spread] * 10
+    # some values rest on the scatter alone: its degrees of freedom go with it
+    assert told.dof == pytest.approx(MAD_EFFICIENCY * 29)
+    measured = noise(values, [0.1] * 30)
+    assert measured is not None and measured.dof is None
+
+
+def test_noise_takes_the_scatter_over_the_background() -> None:
+    window, background = gaussian(1, 10, 0.3), gaussian(2, 80, 0.1)
+    told = noise(window, [None] * 10, background)
+    assert told is not None
+    assert told.sigmas == [scatter(background)] * 10
+    assert told.dof == pytest.approx(MAD_EFFICIENCY * 79)
 
 
 def test_noise_without_se_or_scatter_is_unknown() -> None:
@@ -94,12 +108,13 @@ def test_noise_without_se_or_scatter_is_unknown() -> None:
     assert noise(values, [None, None, None]) is None
     assert noise(values, [0.1, None, 0.1]) is None  # one value cannot be judged: none can
     assert noise(values, [0.1, 0.2, math.nan]) is None  # not finite: not known
-    assert noise(values, [0.1, 0.2, 0.1]) == [0.1, 0.2, 0.1]
+    told = noise(values, [0.1, 0.2, 0.1])
+    assert told is not None and told.sigmas == [0.1, 0.2, 0.1] and told.dof is None
 
 
 def test_a_noiseless_series_gets_a_tiny_relative_noise() -> None:
-    assert noise([5.0] * 10, [None] * 10) == [NOISELESS * 5.0] * 10
-    assert noise([0.2] * 10, [0.0] * 10) == [NOISELESS] * 10  # relative to at least 1
+    assert noise([5.0] * 10, [None] * 10).sigmas == [NOISELESS * 5.0] * 10
+    assert noise([0.2] * 10, [0.0] * 10).sigmas == [NOISELESS] * 10  # relative to at least 1
 
 
 # --- z threshold -----------------------------------------------------------------------------
@@ -133,8 +148,27 @@ def test_z_threshold_holds_its_rate_on_normal_noise() -> None:
 
 def test_pooled_mean_and_its_standard_error() -> None:
     estimate = pooled([1.0, 2.0, 3.0], [0.3, 0.4, 1.2])
-    assert estimate.mean == pytest.approx(2.0)
-    assert estimate.se == pytest.approx(1.3 / 3)  # sqrt(0.09 + 0.16 + 1.44) / 3
+    weights = [1 / 0.09, 1 / 0.16, 1 / 1.44]  # inverse variances
+    assert estimate.mean == pytest.approx((weights[0] + 2 * weights[1] + 3 * weights[2])
+                                          / sum(weights))
+    assert estimate.se == pytest.approx(sum(weights) ** -0.5)
+    equal = pooled([1.0, 2.0, 3.0], [0.3] * 3)  # equal noise: the plain mean
+    assert (equal.mean, equal.se) == (pytest.approx(2.0), pytest.approx(0.3 / 3**0.5))
+
+
+def test_a_wild_log_barely_moves_a_pooled_mean() -> None:
+    """A log whose loss blew up within its interval has a huge spread: it says little."""
+    assert pooled([1.0, 1.0, 975.0], [0.1, 0.1, 840.0]).mean == pytest.approx(1.0, abs=1e-3)
+
+
+def test_student_t_threshold_is_longer_tailed() -> None:
+    """Student's t quantiles at p = 1e-4 (scipy.stats.t.ppf): 9.678 at 5 dof, 4.880 at 15,
+    4.094 at 40; fewer than MIN_DOF count as MIN_DOF."""
+    assert z_threshold(dof=5) == pytest.approx(9.678, rel=0.015)
+    assert z_threshold(dof=15) == pytest.approx(4.880, rel=0.01)
+    assert z_threshold(dof=40) == pytest.approx(4.094, rel=0.01)
+    assert z_threshold(dof=1) == z_threshold(dof=MIN_DOF)
+    assert z_threshold(dof=1000) == pytest.approx(z_threshold(), rel=0.01)
 
 
 def test_z_above() -> None:

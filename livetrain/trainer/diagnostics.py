@@ -70,12 +70,12 @@ DEAD_FAR_FRACTION = 0.9  # nearly every unit dead counts as far
 # falling very slowly) -> lr too low or a hard optimization, try another updater.
 # Each is a one-sided test at evidence.ALPHA per log (z about 3.7), and a change must also
 # be large enough to matter: a certain rise of 2 % is not worth an alert.
-RISING_RECENT_LOGS = (2, 4, 8)  # the mean of the last 2, 4 or 8 logs (a jump or a climb) ...
-RISING_REFERENCE_LOGS = 16  # ... against the mean of up to 16 before them (8 at least)
+RISING_RECENT_LOGS = (2, 4, 12)  # the mean of the last 2, 4 or 12 logs (a jump or a climb) ...
+RISING_REFERENCE_LOGS = 24  # ... against the mean of up to 24 before them (12 at least)
 LOSS_RISING_FRACTION = 0.10  # and at least 10 % above it
 FLAT_LOGS = 12  # a plateau is judged on a line through at least 12 logs ...
 FLAT_STEPS = 50  # ... spanning at least 50 steps
-FLAT_FALL = 0.05  # flat or slow: surely less than 5 % lower across that window
+FLAT_FALL = 0.05  # flat or slow: surely within 5 % of its level across that window
 LOSS_FLAT_FLOOR = 0.1  # times ln C: below this the loss is low enough to level off
 
 # seed 003 (and 001: "watch for unusually large updates"): exploding gradients.
@@ -84,8 +84,8 @@ GRADIENT_BASELINE_LOGS = 10
 GRADIENT_BASELINE_MIN_LOGS = 5
 
 # seed 002: early stopping; L2 typically 1e-3..1e-6; dropout 0.5 is common.
-OVERFIT_RECENT_LOGS = 8  # the mean of the last 8 validation losses ...
-OVERFIT_BLOCK_LOGS = 16  # ... against the best mean of earlier blocks of 16 (8 at least)
+OVERFIT_RECENT_LOGS = 12  # the mean of the last 12 validation losses ...
+OVERFIT_BLOCK_LOGS = 24  # ... against the best mean of earlier blocks of 24 (12 at least)
 OVERFIT_RISE = 0.10  # and at least 10 % above it
 OVERFIT_WEIGHT_DECAY_START = 1e-4  # suggested when weight decay is 0
 OVERFIT_WEIGHT_DECAY_MAX = 1e-3  # past this, suggest more dropout instead
@@ -387,13 +387,17 @@ def rule_dead_relu(history: Sequence[StepRecord], num_classes: int) -> list[Find
     return findings
 
 
-def _losses(records: Sequence[StepRecord], field: str) -> tuple[list[float], Noise] | None:
-    """A loss series and each value's noise (evidence.noise); None when a value is not
-    finite or the noise cannot be told."""
+def _losses(records: Sequence[StepRecord], field: str,
+            history: Sequence[StepRecord]) -> tuple[list[float], Noise] | None:
+    """A loss series and each value's noise (evidence.noise, its scatter taken over the
+    finite values of the whole `history`); None when a value is not finite or the noise
+    cannot be told."""
     values = [getattr(r, field) for r in records]
     if not all(v is not None and math.isfinite(v) for v in values):
         return None
-    told = noise(values, [getattr(r, f"{field}_se") for r in records])
+    background = [v for r in history
+                  if (v := getattr(r, field)) is not None and math.isfinite(v)]
+    told = noise(values, [getattr(r, f"{field}_se") for r in records], background)
     return None if told is None else (values, told)
 
 
@@ -434,7 +438,7 @@ def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     window = _trained(history)[-(max(RISING_RECENT_LOGS) + RISING_REFERENCE_LOGS):]
     if any(b.dropout > a.dropout or b.weight_decay > a.weight_decay for a, b in pairwise(window)):
         return []
-    series = _losses(window, "train_loss")
+    series = _losses(window, "train_loss", _trained(history))
     found = None if series is None else _rise(*series)
     if found is None:
         return []
@@ -467,11 +471,12 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
 
     A weighted line through the training loss of the last 12+ logs spanning 50+ steps
     (evidence.trend, against the step: epoch-end logs come at odd steps) must show, beyond
-    noise, that the loss fell by less than 5 % of its level across the window: the fall plus
-    z_threshold() standard errors is below 5 %, and it is not surely rising (that is
-    loss_rising's to judge). A series too noisy to tell is never called flat: it may be
-    falling. Then "loss_flat" when the fall is not significant (it may be zero), and
-    "loss_slow" when it is (the loss does fall, slowly: raise the lr a little).
+    noise, that the loss changed by less than 5 % of its level across the window, either way:
+    the fitted change's confidence interval (z_threshold() standard errors each side) lies
+    within +-5 % (an equivalence test). A series too noisy to tell is never called flat: it
+    may be falling; nor is one that bottomed out and turns up (loss_rising's to judge).
+    Then "loss_flat" when the fall is not significant (it may be zero), and "loss_slow" when
+    it is (the loss does fall, slowly: raise the lr a little).
     Only while the level is above 0.1 ln C (0.23 for 10 classes; a lower loss may level
     off). Silent after a collapse, where raising the lr would be the wrong advice: when any
     layer is mostly dead (dead_relu reports it) or when the loss was > 10 % lower before (a
@@ -480,7 +485,7 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
     """
     trained = _trained(history)
     window = _flat_window(trained)
-    series = None if window is None else _losses(window, "train_loss")
+    series = None if window is None else _losses(window, "train_loss", trained)
     if window is None or series is None:
         return []
     values, told = series
@@ -491,8 +496,8 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
     span = window[-1].step - window[0].step
     fall, fall_se = -line.slope * span / line.level, line.se * span / line.level
     threshold = z_threshold(dof=told.dof)
-    if fall + threshold * fall_se >= FLAT_FALL or fall <= -threshold * fall_se:
-        return []  # not surely small, or surely rising: loss_rising's to judge
+    if abs(fall) + threshold * fall_se >= FLAT_FALL:
+        return []  # not surely within 5 % either way: it may be falling, or rising
     record = window[-1]
     best = min(r.train_loss for r in trained if math.isfinite(r.train_loss))
     if any(layer.dead_fraction > DEAD_RELU_FRACTION for layer in record.layers) \
@@ -503,7 +508,7 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
     message = (
         f"training loss has stayed near {_g(line.level)} over the last {len(window)} logs "
         f"(steps {window[0].step}-{record.step}: fitted change {_g(-100 * fall)} %, surely "
-        f"less than a {_g(100 * FLAT_FALL)} % fall)"
+        f"within {_g(100 * FLAT_FALL)} %)"
     )
     if record.optimizer in SGD_FAMILY:
         lr = DEFAULTS["learning_rate"]
@@ -599,7 +604,7 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     window = [r for r in _trained(history) if r.validate_loss is not None]
     if len(window) < 2 * OVERFIT_RECENT_LOGS:
         return []
-    val, train = _losses(window, "validate_loss"), [r.train_loss for r in window]
+    val, train = _losses(window, "validate_loss", window), [r.train_loss for r in window]
     if val is None or not all(math.isfinite(x) for x in train):
         return []
     values, told = val
