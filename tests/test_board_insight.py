@@ -452,14 +452,14 @@ def test_the_abandoned_branch_is_drawn_grey_and_dashed(ctx: BoardContext, store:
     log_steps(store, run_id, range(10, 110, 10), {90: {"train_loss": math.inf},
                                                   100: {"train_loss": math.nan}})
     before = update_curves(ctx, run_id, 0.6, False, None)
-    assert len(before.loss_figure["data"]) == 5  # no rollback, no grey traces
+    assert len(before.loss_figure["data"]) == 9  # no rollback, no grey traces
     store.write_batch(run_id, Batch(abandon_after=40))
     log_steps(store, run_id, [50, 60])
     after = update_curves(ctx, run_id, 0.6, False, before.state)
     assert after.loss_figure is not None
     live = after.loss_figure["data"][0]
     assert live["x"] == [10, 20, 30, 40, 50, 60]
-    grey = after.loss_figure["data"][5:]
+    grey = after.loss_figure["data"][9:]  # after the curves, changes and noise bands
     assert [t["name"] for t in grey] == ["abandoned branch"] * 2
     assert grey[0]["x"] == [50, 60, 70, 80, 90, 100]
     assert grey[0]["y"][-2:] == [None, None]  # inf and NaN as gaps
@@ -469,4 +469,4 @@ def test_the_abandoned_branch_is_drawn_grey_and_dashed(ctx: BoardContext, store:
     # Later refreshes extend only the live traces.
     log_steps(store, run_id, [70])
     refresh = update_curves(ctx, run_id, 0.6, False, after.state)
-    assert refresh.loss_extend[1] == [0, 1, 2, 3, 4]
+    assert refresh.loss_extend[1] == [0, 1, 2, 3, 4, 5, 6, 7, 8]

@@ -23,6 +23,9 @@ HISTORY_LIMIT = 200  # parameter changes and events shown per run
 LAST_POSITION = 1_000_000  # sorts layers missing from model_layers after the known ones
 
 CURVE_COLUMNS = ("train_loss", "validate_loss", "train_accuracy", "validate_accuracy")
+# What the loss curves' noise band is drawn from: each loss's spread and sample count.
+SPREAD_COLUMNS = ("train_loss_std", "train_loss_count", "validate_loss_std",
+                  "validate_loss_count")
 
 
 def _rows(engine: Engine, query: Any) -> list[dict[str, Any]]:
@@ -101,10 +104,12 @@ class BoardQueries:
     def curve_points(
         self, run_id: int, after_step: int = -1, limit: int = REFRESH_ROWS
     ) -> list[tuple[Any, ...]]:
-        """(step, train_loss, validate_loss, train_accuracy, validate_accuracy), oldest first."""
+        """(step, train_loss, validate_loss, train_accuracy, validate_accuracy,
+        train_loss_std, train_loss_count, validate_loss_std, validate_loss_count),
+        oldest first: the curves and their noise band."""
         t = s.statistics
         query = (
-            select(t.c.step, *(t.c[name] for name in CURVE_COLUMNS))
+            select(t.c.step, *(t.c[name] for name in CURVE_COLUMNS + SPREAD_COLUMNS))
             .where(t.c.run_id == run_id, t.c.step > after_step)
             .order_by(t.c.step)
             .limit(limit)
