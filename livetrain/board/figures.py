@@ -37,6 +37,11 @@ CURVE_TRACES = (0, 1, 2, 3, 4)
 BAND_TRACES = (5, 6, 7, 8)  # the loss graph's only
 BAND_SE = 2.0  # the band's half-width in standard errors: about a 95 % interval
 BAND_OPACITY = 0.15
+# A band is light: on a long run's first load it keeps an eighth of its curve's points
+# (chosen by the same min/max buckets) at 4 significant digits, which keeps the first
+# load of a 50,000-step run within its byte budget (bench/budget.py). Refreshes extend
+# it at every logged step, like the curves.
+BAND_POINT_SHARE, BAND_DIGITS = 8, 4
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,26 @@ def band_bounds(rows: Sequence[Sequence[Any]], column: str) -> tuple[np.ndarray,
     return mean + half, mean - half
 
 
+def band_floats(edge: Iterable[float]) -> list[float | None]:
+    """A band edge for JSON at BAND_DIGITS significant digits; NaN and inf as null."""
+    return [float(f"{v:.{BAND_DIGITS}g}") if math.isfinite(v) else None for v in edge]
+
+
+def _loss_bands(
+    rows: Sequence[Sequence[Any]], steps: np.ndarray, max_points: int
+) -> list[dict[str, Any]]:
+    """The loss graph's band traces for a whole run, train's then validation's, each on
+    the min/max points of its raw curve at a BAND_POINT_SHARE of `max_points`."""
+    traces = []
+    for column, (name, color) in _CURVE_LOOKS.items():
+        upper, lower = band_bounds(rows, column)
+        keep = minmax_indices(_column(rows, 1 + SERIES.index(column)),
+                              max(max_points // BAND_POINT_SHARE, 8))
+        traces += band_traces(name, color, steps[keep].tolist(), band_floats(upper[keep]),
+                              band_floats(lower[keep]))
+    return traces
+
+
 def _rgba(color: str, alpha: float) -> str:
     red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
     return f"rgba({red},{green},{blue},{alpha})"
@@ -262,28 +287,20 @@ def curve_figures(
     `rows` are BoardQueries.curve_points' (step, the four SERIES, then each loss's std and
     count), oldest first; `changes` the adopted parameter versions, oldest first;
     `abandoned` the branches rollbacks cut off (see abandoned_traces). Raw and smoothed
-    curves are each downsampled to at most `max_points` points; a noise band keeps the
-    points of its raw curve.
+    curves are each downsampled to at most `max_points` points, noise bands to fewer.
     """
     steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     series: dict[str, Any] = {}
     state: dict[str, list[float]] = {}
-    bands: list[dict[str, Any]] = []
     for i, column in enumerate(SERIES, start=1):
         raw = _column(rows, i)
         smooth, (last, count) = ema(raw.tolist(), weight)
         state[column] = [last, count]
-        keep = minmax_indices(raw, max_points)
+        raw_x, raw_y = downsample(steps, raw, max_points)
         smooth_x, smooth_y = downsample(steps, np.array(smooth, dtype=float), max_points)
         series[column] = (
-            (steps[keep].tolist(), smooth_x.tolist()), json_floats(raw[keep]),
-            json_floats(smooth_y),
+            (raw_x.tolist(), smooth_x.tolist()), json_floats(raw_y), json_floats(smooth_y)
         )
-        if column in SPREAD:
-            upper, lower = band_bounds(rows, column)
-            name, color = _CURVE_LOOKS[column]
-            bands += band_traces(name, color, steps[keep].tolist(), json_floats(upper[keep]),
-                                 json_floats(lower[keep]))
     lines = change_lines(changes, None)
     figures = []
     for graph in (LOSS, ACCURACY):
@@ -292,7 +309,8 @@ def curve_figures(
             layout["yaxis"]["type"] = "log"
         if not rows:
             layout["annotations"] = [_empty_note("No statistics logged yet")]
-        data = _curve_traces(graph, series, lines) + (bands if graph is LOSS else []) \
+        bands = _loss_bands(rows, steps, max_points) if graph is LOSS else []
+        data = _curve_traces(graph, series, lines) + bands \
             + abandoned_traces(graph, abandoned, max_points)
         figures.append({"data": data, "layout": layout})
     return figures[0], figures[1], state
@@ -332,7 +350,7 @@ def curve_extensions(
         if graph is LOSS:
             for column in SPREAD:  # train then validation, as BAND_TRACES
                 update["x"] += [steps, steps]
-                update["y"] += [json_floats(edge) for edge in band_bounds(rows, column)]
+                update["y"] += [band_floats(edge) for edge in band_bounds(rows, column)]
                 update["text"] += [[], []]
             traces += BAND_TRACES
         extensions.append([update, traces])
