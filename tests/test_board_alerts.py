@@ -14,7 +14,7 @@ from dash import html
 from test_board_callbacks import new_run, text_of
 
 from livetrain.board.app import create_app
-from livetrain.board.callbacks_alerts import apply_fix, fix_id, update_alerts
+from livetrain.board.callbacks_alerts import apply_fix, clicked_fix, fix_id, update_alerts
 from livetrain.board.callbacks_changes import change_tokens
 from livetrain.board.context import BoardContext
 from livetrain.db.store import Batch, Store, now
@@ -205,3 +205,14 @@ def test_the_endpoints_draw_the_panel_and_apply_a_fix(store: Store) -> None:
     again = click(run_id, "ratio:features.3", applied["fix-clicks"]["data"])
     assert again.status_code == 200 and "submission" not in again.get_json()["response"]
     assert store.get_parameters(run_id).version == 2
+
+
+def test_page_state_it_did_not_write_is_only_a_hint(ctx: BoardContext, store: Store) -> None:
+    """Client-held stores can be crafted: odd contents redraw, they never break."""
+    run_id = seed(store)
+    for state in ({"run_id": run_id, "render": "x", "mark": 5},
+                  {"run_id": run_id, "render": 2**62, "mark": None}, {"render": True}):
+        update = update_alerts(ctx, run_id, state)
+        assert update.count == "1 open · 2 resolved · 1 other"
+        assert update.state["render"] == 1
+    assert clicked_fix([("a", 1)], {"a": "many"}) == ("a", {"a": 1})

@@ -147,12 +147,20 @@ def alert_groups(
     return groups, " · ".join(counts)
 
 
+def _next_render(state: Mapping[str, Any] | None) -> int:
+    """The next drawing's number; a state the page did not write starts again at 1."""
+    previous = (state or {}).get("render")
+    if isinstance(previous, int) and not isinstance(previous, bool) and 0 <= previous < 2**31:
+        return previous + 1
+    return 1
+
+
 def update_alerts(
     ctx: BoardContext, run_id: int | None, state: Mapping[str, Any] | None
 ) -> AlertsUpdate | None:
     """The panel drawn again when another run is shown or the run's alert marks moved;
     None when the page's drawing is still the database's."""
-    render = int((state or {}).get("render") or 0) + 1
+    render = _next_render(state)
     if run_id is None:
         if state and state.get("run_id") is None:
             return None
@@ -211,7 +219,7 @@ def clicked_fix(
     """The button (its key) clicked since the last look, and the click counts to
     remember. Buttons arriving (a redraw) fire the callback too; comparing counts tells
     a click from an arrival or a replay of an old click."""
-    seen = dict(seen or {})
+    seen = {k: v for k, v in (seen or {}).items() if isinstance(v, int)}
     clicked = None
     for key, clicks in buttons:
         if clicks and clicks > seen.get(str(key), 0):
