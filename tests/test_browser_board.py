@@ -177,6 +177,23 @@ def expected_band(logged: list[dict[str, Any]], column: str) -> tuple[list, list
     return upper, lower
 
 
+def assert_noise_bands(driver: WebDriver, logged: list[dict[str, Any]]) -> None:
+    """Each loss's noise band (issue 13) is drawn, extended with its curve, at mean ± 2
+    standard errors of every logged row: train.py logs every loss's spread."""
+    assert sum(r["train_loss_std"] is not None for r in logged) > len(logged) // 2
+    bands = band_edges(driver, "loss-graph")
+    for name, column in (("train", "train_loss"), ("validation", "validate_loss")):
+        upper, lower = bands[f"{name}-loss-band-upper"], bands[f"{name}-loss-band-lower"]
+        assert upper["x"] == lower["x"] == [r["step"] for r in logged]
+        for drawn, wanted in zip((upper, lower), expected_band(logged, column), strict=True):
+            assert [y is None for y in drawn["y"]] == [y is None for y in wanted]
+            assert [y for y in drawn["y"] if y is not None] == pytest.approx(
+                [y for y in wanted if y is not None], rel=1e-3)  # 4 significant digits
+        assert lower["fill"] == "tonexty" and upper["hoverinfo"] == "skip"
+        assert any(high is not None and high > low
+                   for high, low in zip(upper["y"], lower["y"], strict=True))
+
+
 def last_step(driver: WebDriver) -> int:
     return max(trace(driver, "loss-graph", 0)["x"], default=0)
 
@@ -317,22 +334,7 @@ def test_watch_steer_and_stop_a_run(
             drawn = trace(browser, "loss-graph", 0)
             assert drawn["x"] == [r["step"] for r in logged]
             assert drawn["y"] == pytest.approx([r["train_loss"] for r in logged])
-            # So is each loss's noise band (issue 13): train.py logs every loss's spread,
-            # and the band, extended with its curve, is mean ± 2 standard errors.
-            assert sum(r["train_loss_std"] is not None for r in logged) > len(logged) // 2
-            bands = band_edges(browser, "loss-graph")
-            for name, column in (("train", "train_loss"), ("validation", "validate_loss")):
-                upper = bands[f"{name}-loss-band-upper"]
-                lower = bands[f"{name}-loss-band-lower"]
-                assert upper["x"] == lower["x"] == [r["step"] for r in logged]
-                for drawn_edge, wanted in zip((upper, lower), expected_band(logged, column),
-                                              strict=True):  # drawn at 4 significant digits
-                    assert [y is None for y in drawn_edge["y"]] == [y is None for y in wanted]
-                    assert [y for y in drawn_edge["y"] if y is not None] == pytest.approx(
-                        [y for y in wanted if y is not None], rel=1e-3)
-                assert lower["fill"] == "tonexty" and upper["hoverinfo"] == "skip"
-                assert any(h is not None and h > lo
-                           for h, lo in zip(upper["y"], lower["y"], strict=True))
+            assert_noise_bands(browser, logged)
             # The activation histograms, patched in place refresh after refresh, are the
             # last logged step's.
             latest = {tuple(r["counts"]) for r in store.latest_activations(run_id)}
