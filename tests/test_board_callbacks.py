@@ -315,7 +315,8 @@ def test_curves_build_once_then_extend_with_new_rows_only(
     refresh = update_curves(ctx, run_id, 0.6, False, full.state)
     assert refresh is not None and refresh.loss_figure is None
     update, traces = refresh.loss_extend
-    assert traces == [0, 1, 2, 3, 4]
+    assert traces == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # the loss graph's noise bands too
+    assert refresh.accuracy_extend[1] == [0, 1, 2, 3, 4]
     assert update["x"][0] == [310, 320] and update["x"][4] == []
     assert refresh.state["last_step"] == 320
 

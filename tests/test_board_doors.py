@@ -197,9 +197,11 @@ def test_write_callbacks_need_the_credentials_reads_do_not(guarded: Board) -> No
     fix = next(o for o in writers if "fix-clicks" in o)
     payloads["fix"] = {"output": fix, "outputs": [{"id": "submission", "property": "data"},
                                                   {"id": "fix-clicks", "property": "data"}],
-                       "inputs": [[{"id": {"type": "alert-fix", "event_id": 1},
+                       "inputs": [[{"id": {"type": "alert-fix", "run_id": guarded.run_id,
+                                           "kind": "event", "key": "1", "render": 1},
                                     "property": "n_clicks", "value": 1}]],
-                       "changedPropIds": ['{"event_id":1,"type":"alert-fix"}.n_clicks'],
+                       "changedPropIds": [f'{{"key":"1","kind":"event","render":1,"run_id":'
+                                          f'{guarded.run_id},"type":"alert-fix"}}.n_clicks'],
                        "state": [{"id": "run-select", "property": "value",
                                   "value": guarded.run_id},
                                  {"id": "fix-clicks", "property": "data", "value": None}]}

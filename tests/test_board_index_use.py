@@ -24,7 +24,9 @@ def seed(store: Store) -> int:
         for step in range(0, 2000, 10):
             stats.append({"step": step, "epoch": 1, "dt": now(), "optimizer": "Adam",
                           "learning_rate": 3e-4, "weight_decay": 0.0, "dropout": 50,
-                          "train_loss": 1.0, "validate_loss": 1.0})
+                          "train_loss": 1.0, "validate_loss": 1.0, "train_loss_count": 10,
+                          "train_loss_std": 0.1, "validate_loss_count": 2,
+                          "validate_loss_std": 0.2})
             layers.append({"step": step, "layer_name": "features.0", "has_nonlinearity": True,
                            "act_std": 1.0, "grad_norm": 1.0, "update_ratio": 1e-3})
             hists.append({"step": step, "layer_name": "features.0", "kind": "weight",
@@ -32,9 +34,13 @@ def seed(store: Store) -> int:
             events.append({"level": "warning", "code": "x", "message": "m", "step": step,
                            "dt": now()})
             system.append({"dt": now(), "step": step, "cpu_percent": 50.0})
+        alerts = [{"alert_id": f"loss_rising:{k}", "code": "loss_rising", "level": "warning",
+                   "status": "open" if k == 19 else "resolved", "first_step": 100 * k,
+                   "last_step": 100 * k + 50, "logs": 6, "message": "m", "dt_first": now(),
+                   "dt_last": now()} for k in range(20)]
         store.write_batch(run_id, Batch(
             statistics=stats, layer_statistics=layers, layer_histograms=hists, events=events,
-            system_metrics=system,
+            system_metrics=system, alerts=alerts,
             activations=[{"step": 1990, "layer_name": "features.0", "nn_part": "features",
                           "layer_type": "conv", "number": 0, "bin_edges": [0.0, 1.0],
                           "counts": [1]}],
@@ -73,7 +79,10 @@ def every_board_query(q: BoardQueries, run_id: int) -> None:
     q.model_table(run_id)
     q.system_points(run_id, after_sample=3)
     q.last_system_sample(run_id, 50)
-    q.alerts(run_id, after_event_id=3)
+    q.alert_marks(run_id)
+    q.episodes(run_id)
+    q.episode(run_id, "loss_rising:1")
+    q.alert_events(run_id)
     q.event(run_id, 4)
     q.checkpoints(run_id)
     q.abandoned_points(run_id)

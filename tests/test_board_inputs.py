@@ -36,7 +36,9 @@ def dependencies(specs: list[dict[str, Any]], run_id: int) -> list[Any]:
     for spec in specs:
         if spec["id"].startswith("{"):
             pattern = json.loads(spec["id"])
-            component = {k: (1 if v == ["ALL"] and k == "event_id" else
+            component = {k: (run_id if v == ["ALL"] and k == "run_id" else
+                             1 if v == ["ALL"] and k == "render" else
+                             "event" if v == ["ALL"] and k == "kind" else
                              "lr" if v == ["ALL"] else v) for k, v in pattern.items()}
             sent.append([{"id": component, "property": spec["property"], "value": None}])
         else:

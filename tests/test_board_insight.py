@@ -273,9 +273,10 @@ def test_system_panel_shows_samples_and_where_the_run_trains(
 # -- alerts and their fixes ------------------------------------------------------------------
 
 
-def test_alerts_list_warnings_and_errors_newest_first_then_prepend(
+def test_warnings_no_episode_stands_for_are_listed_newest_first(
     ctx: BoardContext, store: Store
 ) -> None:
+    """Events of runs without alert episodes (older runs, one-off logs) still show."""
     run_id = new_run(store)
     store.write_batch(run_id, Batch(events=[
         alert_event("update_ratio_high", fix={"learning_rate": 3e-5}),
@@ -283,23 +284,26 @@ def test_alerts_list_warnings_and_errors_newest_first_then_prepend(
         alert_event("activation_std_low", step=12),
     ]))
     full = update_alerts(ctx, run_id, None)
-    assert full.replace and full.count == "2 alerts"
-    newest, oldest = (text_of(item) for item in full.items)
-    assert "activation_std_low" in newest and "update_ratio_high" in oldest
-    assert "<b>at</b>" in oldest  # a text node, shown verbatim
-    assert "lower the learning rate" in oldest and "features.3" in oldest
-    button = full.items[1].children[-1]
+    assert full.count == "2 other"
+    [group] = full.groups
+    assert "Other warnings" in text_of(group.children[0])
+    newest, oldest = group.children[1].children
+    assert "activation_std_low" in text_of(newest) and "update_ratio_high" in text_of(oldest)
+    assert "<b>at</b>" in text_of(oldest)  # a text node, shown verbatim
+    assert "lower the learning rate" in text_of(oldest) and "features.3" in text_of(oldest)
+    button = oldest.children[-1]
     assert button.children == "Apply: set lr to 3e-05"
-    event_id = button.id["event_id"]
-    assert button.id == fix_id(event_id)
-    assert "Apply" not in newest  # no fix, no button
+    event_id = min(e["event_id"] for e in store.events(run_id))
+    assert button.id == fix_id(run_id, "event", event_id, full.state["render"])
+    assert "Apply" not in text_of(newest)  # no fix, no button
     assert update_alerts(ctx, run_id, full.state) is None
 
     store.write_batch(run_id, Batch(events=[alert_event("non_finite", level="error",
                                                         fix={"learning_rate": 0.1})]))
     refresh = update_alerts(ctx, run_id, full.state)
-    assert not refresh.replace and len(refresh.items) == 1 and refresh.count == "3 alerts"
-    assert "alert-error" in refresh.items[0].className
+    assert refresh.count == "3 other"
+    assert "alert-error" in refresh.groups[0].children[1].children[0].className
+    assert refresh.state["render"] > full.state["render"]  # fresh buttons, fresh ids
 
 
 def test_only_a_new_click_applies_a_fix() -> None:
@@ -323,8 +327,8 @@ def test_a_fix_is_one_click_and_the_apply_status_follows_it(
     run_id = new_run(store)
     store.write_batch(run_id, Batch(events=[alert_event("update_ratio_high",
                                                         fix={"learning_rate": 3e-5})]))
-    event_id = ctx.queries.alerts(run_id)[0]["event_id"]
-    submitted = apply_fix(ctx, run_id, event_id)
+    event_id = ctx.queries.alert_events(run_id)[0]["event_id"]
+    submitted = apply_fix(ctx, run_id, "event", event_id)
     assert submitted["version"] == 2 and submitted["kind"] == "fix"
     params = store.get_parameters(run_id)
     assert params.learning_rate == 3e-5 and not params.pause_train
@@ -338,8 +342,8 @@ def test_a_fix_on_a_paused_run_keeps_it_paused(ctx: BoardContext, store: Store) 
     run_id = new_run(store)
     store.write_batch(run_id, Batch(status="paused", events=[
         alert_event("non_finite", level="error", fix={"learning_rate": 0.1})]))
-    event_id = ctx.queries.alerts(run_id)[0]["event_id"]
-    apply_fix(ctx, run_id, event_id)
+    event_id = ctx.queries.alert_events(run_id)[0]["event_id"]
+    apply_fix(ctx, run_id, "event", event_id)
     params = store.get_parameters(run_id)
     assert params.learning_rate == 0.1 and params.pause_train
 
@@ -349,15 +353,15 @@ def test_fixes_that_cannot_be_applied_are_refused(ctx: BoardContext, store: Stor
     store.write_batch(run_id, Batch(events=[alert_event("activation_std_low"),
                                             alert_event("loss_rising",
                                                         fix={"learning_rate": 5.0})]))
-    no_fix, bad_fix = sorted(e["event_id"] for e in ctx.queries.alerts(run_id))
-    assert "no fix" in apply_fix(ctx, run_id, no_fix)["refused"]
-    assert "learning rate" in apply_fix(ctx, run_id, bad_fix)["refused"]
+    no_fix, bad_fix = sorted(e["event_id"] for e in ctx.queries.alert_events(run_id))
+    assert "no fix" in apply_fix(ctx, run_id, "event", no_fix)["refused"]
+    assert "learning rate" in apply_fix(ctx, run_id, "event", bad_fix)["refused"]
     other = new_run(store, "other")
-    assert apply_fix(ctx, other, bad_fix)["refused"]  # another run's alert
+    assert apply_fix(ctx, other, "event", bad_fix)["refused"]  # another run's alert
     store.set_status(run_id, "finished", ended=True)
     store.write_batch(run_id, Batch(events=[alert_event("x", fix={"learning_rate": 1e-4})]))
-    latest = ctx.queries.alerts(run_id)[0]["event_id"]
-    assert "finished" in apply_fix(ctx, run_id, latest)["refused"]
+    latest = ctx.queries.alert_events(run_id)[0]["event_id"]
+    assert "finished" in apply_fix(ctx, run_id, "event", latest)["refused"]
     assert store.get_parameters(run_id).version == 1
 
 
@@ -452,14 +456,14 @@ def test_the_abandoned_branch_is_drawn_grey_and_dashed(ctx: BoardContext, store:
     log_steps(store, run_id, range(10, 110, 10), {90: {"train_loss": math.inf},
                                                   100: {"train_loss": math.nan}})
     before = update_curves(ctx, run_id, 0.6, False, None)
-    assert len(before.loss_figure["data"]) == 5  # no rollback, no grey traces
+    assert len(before.loss_figure["data"]) == 9  # no rollback, no grey traces
     store.write_batch(run_id, Batch(abandon_after=40))
     log_steps(store, run_id, [50, 60])
     after = update_curves(ctx, run_id, 0.6, False, before.state)
     assert after.loss_figure is not None
     live = after.loss_figure["data"][0]
     assert live["x"] == [10, 20, 30, 40, 50, 60]
-    grey = after.loss_figure["data"][5:]
+    grey = after.loss_figure["data"][9:]  # after the curves, changes and noise bands
     assert [t["name"] for t in grey] == ["abandoned branch"] * 2
     assert grey[0]["x"] == [50, 60, 70, 80, 90, 100]
     assert grey[0]["y"][-2:] == [None, None]  # inf and NaN as gaps
@@ -469,4 +473,4 @@ def test_the_abandoned_branch_is_drawn_grey_and_dashed(ctx: BoardContext, store:
     # Later refreshes extend only the live traces.
     log_steps(store, run_id, [70])
     refresh = update_curves(ctx, run_id, 0.6, False, after.state)
-    assert refresh.loss_extend[1] == [0, 1, 2, 3, 4]
+    assert refresh.loss_extend[1] == [0, 1, 2, 3, 4, 5, 6, 7, 8]

@@ -149,6 +149,51 @@ def trace(driver: WebDriver, graph_id: str, index: int) -> dict[str, list]:
     )
 
 
+def band_edges(driver: WebDriver, graph_id: str) -> dict[str, dict[str, Any]]:
+    """The noise-band traces Plotly draws now, by uid (x, y and how they are filled)."""
+    return driver.execute_script(
+        "const gd = document.querySelector(`#${arguments[0]} .js-plotly-plot`);"
+        "const out = {};"
+        "for (const t of (gd && gd.data) || []) {"
+        "  if (!String(t.uid || '').includes('-loss-band-')) continue;"
+        "  out[t.uid] = {x: Array.from(t.x || []), y: Array.from(t.y || []),"
+        "                fill: t.fill || null, hoverinfo: t.hoverinfo || null}; }"
+        "return out;",
+        graph_id,
+    )
+
+
+def expected_band(logged: list[dict[str, Any]], column: str) -> tuple[list, list]:
+    """Upper and lower edges from the logged rows: mean ± 2 std / sqrt(count), the mean
+    itself where a row has no spread, null where it has no mean (the first log's training
+    loss: no step yet)."""
+    upper: list[float | None] = []
+    lower: list[float | None] = []
+    for row in logged:
+        mean, std, count = row[column], row[f"{column}_std"], row[f"{column}_count"]
+        half = 2 * std / count ** 0.5 if std is not None and count else 0.0
+        upper.append(None if mean is None else mean + half)
+        lower.append(None if mean is None else mean - half)
+    return upper, lower
+
+
+def assert_noise_bands(driver: WebDriver, logged: list[dict[str, Any]]) -> None:
+    """Each loss's noise band (issue 13) is drawn, extended with its curve, at mean ± 2
+    standard errors of every logged row: train.py logs every loss's spread."""
+    assert sum(r["train_loss_std"] is not None for r in logged) > len(logged) // 2
+    bands = band_edges(driver, "loss-graph")
+    for name, column in (("train", "train_loss"), ("validation", "validate_loss")):
+        upper, lower = bands[f"{name}-loss-band-upper"], bands[f"{name}-loss-band-lower"]
+        assert upper["x"] == lower["x"] == [r["step"] for r in logged]
+        for drawn, wanted in zip((upper, lower), expected_band(logged, column), strict=True):
+            assert [y is None for y in drawn["y"]] == [y is None for y in wanted]
+            assert [y for y in drawn["y"] if y is not None] == pytest.approx(
+                [y for y in wanted if y is not None], rel=1e-3)  # 4 significant digits
+        assert lower["fill"] == "tonexty" and upper["hoverinfo"] == "skip"
+        assert any(high is not None and high > low
+                   for high, low in zip(upper["y"], lower["y"], strict=True))
+
+
 def last_step(driver: WebDriver) -> int:
     return max(trace(driver, "loss-graph", 0)["x"], default=0)
 
@@ -289,6 +334,7 @@ def test_watch_steer_and_stop_a_run(
             drawn = trace(browser, "loss-graph", 0)
             assert drawn["x"] == [r["step"] for r in logged]
             assert drawn["y"] == pytest.approx([r["train_loss"] for r in logged])
+            assert_noise_bands(browser, logged)
             # The activation histograms, patched in place refresh after refresh, are the
             # last logged step's.
             latest = {tuple(r["counts"]) for r in store.latest_activations(run_id)}

@@ -8,7 +8,7 @@ Stores, each only when its value differs from what the page holds:
 - `control-token`: the parameters row, checkpoints, the run's (effective) status,
   name, tags and hidden flag (fields, apply status, pause/rollback controls, parameter
   history, the run's name and tags fields);
-- `events-token`: a new event (alerts, events list).
+- `events-token`: a new event, or an alert episode upserted (alerts, events list).
 
 A tick on which nothing was logged costs one request and one query; a tick with one
 new step redraws the three step panels and nothing else. Every token carries the
@@ -46,8 +46,15 @@ def change_tokens(ctx: BoardContext, run_id: int | None,
          "name": shorten(marks["name"], TITLE_MAX), "tags": shown_tags(marks["tags"]),
          "hidden": marks["hidden"]},
         {"run_id": run_id, "event_id": marks["event_id"],
-         "applied_version": marks["applied_version"]},
+         "applied_version": marks["applied_version"], "alerts": alert_mark(marks)},
     )
+
+
+def alert_mark(marks: Mapping[str, Any]) -> list[Any]:
+    """The episodes' marks as JSON (the page's copy must compare equal to a fresh one)."""
+    time = marks["alert_time"]
+    return [time.isoformat() if time is not None else None, int(marks["alert_logs"] or 0),
+            int(marks["alerts_open"] or 0)]
 
 
 def changed(new: Mapping[str, Any], held: Mapping[str, Any] | None) -> Any:

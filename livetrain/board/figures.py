@@ -3,10 +3,11 @@
 Both curve graphs share one trace layout so a refresh can extend them by index:
 0 train (raw, faint), 1 train (smoothed), 2 validation (raw, faint),
 3 validation (smoothed), 4 applied parameter changes (vertical lines on a
-hidden 0..1 axis, hover text says what changed), then the branches rollbacks
-cut off (grey, thin, dashed; never extended: a rollback rebuilds). Every trace
-carries a `text` array because Plotly's extendTraces extends the same
-attributes on every trace it touches.
+hidden 0..1 axis, hover text says what changed); the loss graph then has the
+noise band of each raw loss (5 and 6 train upper and lower, 7 and 8 validation);
+then the branches rollbacks cut off (grey, thin, dashed; never extended: a
+rollback rebuilds). Every trace carries a `text` array because Plotly's
+extendTraces extends the same attributes on every trace it touches.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from dash import Patch
 
-from livetrain.board.downsample import MAX_POINTS, downsample
+from livetrain.board.downsample import MAX_POINTS, downsample, minmax_indices
 from livetrain.board.smoothing import ema
 
 TRAIN_COLOR = "#d62728"  # the seed's red
@@ -33,6 +34,14 @@ FONT = "Inter, system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif"
 MODEBAR = {"bgcolor": "rgba(255,255,255,0.85)", "color": "#94a3b8", "activecolor": "#2563eb"}
 CHANGE_LINE_POINTS = 11  # hover anywhere along a change line, not only at its ends
 CURVE_TRACES = (0, 1, 2, 3, 4)
+BAND_TRACES = (5, 6, 7, 8)  # the loss graph's only
+BAND_SE = 2.0  # the band's half-width in standard errors: about a 95 % interval
+BAND_OPACITY = 0.15
+# A band is light: on a long run's first load it keeps an eighth of its curve's points
+# (chosen by the same min/max buckets) at 4 significant digits, which keeps the first
+# load of a 50,000-step run within its byte budget (bench/budget.py). Refreshes extend
+# it at every logged step, like the curves.
+BAND_POINT_SHARE, BAND_DIGITS = 8, 4
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ class CurveGraph:
 LOSS = CurveGraph("train_loss", "validate_loss", "loss", ".4f")
 ACCURACY = CurveGraph("train_accuracy", "validate_accuracy", "accuracy (%)", ".2f")
 SERIES = ("train_loss", "validate_loss", "train_accuracy", "validate_accuracy")
+# curve_points' row: the step, SERIES, then each loss's spread (std, count).
+SPREAD = {"train_loss": (5, 6), "validate_loss": (7, 8)}
 
 
 def plotly_text(value: Any) -> str:
@@ -132,6 +143,10 @@ def change_lines(
     return xs, ys, texts
 
 
+_CURVE_LOOKS = {"train_loss": ("train", TRAIN_COLOR), "validate_loss": ("validation",
+                                                                      VALIDATION_COLOR)}
+
+
 def _curve_traces(
     graph: CurveGraph,
     series: Mapping[str, tuple[tuple[list[int], list[int]], list[float | None],
@@ -162,6 +177,70 @@ def _curve_traces(
         "showlegend": True,
     })
     return traces
+
+
+def _column(rows: Sequence[Sequence[Any]], i: int) -> np.ndarray:
+    """Column `i` of `rows` as floats, NULL as NaN."""
+    return np.array([math.nan if r[i] is None else r[i] for r in rows], dtype=float)
+
+
+def band_bounds(rows: Sequence[Sequence[Any]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    """The upper and lower edge of a raw loss's noise band, mean ± BAND_SE standard errors
+    (std / sqrt(count)): how far the logged mean may sit from the true one by chance alone.
+
+    A row without a spread (a single step or batch, an older run) has no band: both edges
+    are its mean, pinching the band to the curve there. A gap left in one would not do:
+    Plotly's fill between two traces draws a wrong polygon across gaps. A missing loss is
+    a gap in both edges, which the band bridges (connectgaps) as the fill needs.
+    """
+    std_at, count_at = SPREAD[column]
+    mean = _column(rows, 1 + SERIES.index(column))
+    std, count = _column(rows, std_at), _column(rows, count_at)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        half = np.where(count >= 1, BAND_SE * std / np.sqrt(count), 0.0)
+    half[~np.isfinite(half)] = 0.0
+    return mean + half, mean - half
+
+
+def band_floats(edge: Iterable[float]) -> list[float | None]:
+    """A band edge for JSON at BAND_DIGITS significant digits; NaN and inf as null."""
+    return [float(f"{v:.{BAND_DIGITS}g}") if math.isfinite(v) else None for v in edge]
+
+
+def _loss_bands(
+    rows: Sequence[Sequence[Any]], steps: np.ndarray, max_points: int
+) -> list[dict[str, Any]]:
+    """The loss graph's band traces for a whole run, train's then validation's, each on
+    the min/max points of its raw curve at a BAND_POINT_SHARE of `max_points`."""
+    traces = []
+    for column, (name, color) in _CURVE_LOOKS.items():
+        upper, lower = band_bounds(rows, column)
+        keep = minmax_indices(_column(rows, 1 + SERIES.index(column)),
+                              max(max_points // BAND_POINT_SHARE, 8))
+        traces += band_traces(name, color, steps[keep].tolist(), band_floats(upper[keep]),
+                              band_floats(lower[keep]))
+    return traces
+
+
+def _rgba(color: str, alpha: float) -> str:
+    red, green, blue = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({red},{green},{blue},{alpha})"
+
+
+def band_traces(
+    name: str, color: str, x: list[int], upper: list[float | None], lower: list[float | None]
+) -> list[dict[str, Any]]:
+    """A loss's noise band as two traces, its upper then its lower edge, the lower filled
+    up to the upper (tonexty): edges without width, no hover, out of the legend but in its
+    curve's group, so hiding the curve hides its band. The uids name them for scripts."""
+    common = {"type": "scatter", "mode": "lines", "name": f"{name} ±{BAND_SE:g} s.e.",
+              "legendgroup": name, "showlegend": False, "hoverinfo": "skip", "x": x,
+              "text": [], "connectgaps": True, "line": {"color": color, "width": 0}}
+    return [
+        common | {"uid": f"{name}-loss-band-upper", "y": upper},
+        common | {"uid": f"{name}-loss-band-lower", "y": lower, "fill": "tonexty",
+                  "fillcolor": _rgba(color, BAND_OPACITY)},
+    ]
 
 
 def abandoned_traces(
@@ -205,16 +284,16 @@ def curve_figures(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[float]]]:
     """Loss and accuracy figures for a whole run, and the smoothing state to extend from.
 
-    `rows` are (step, train_loss, validate_loss, train_accuracy, validate_accuracy),
-    oldest first; `changes` the adopted parameter versions, oldest first; `abandoned`
-    the branches rollbacks cut off (see abandoned_traces). Raw and smoothed curves are
-    each downsampled to at most `max_points` points.
+    `rows` are BoardQueries.curve_points' (step, the four SERIES, then each loss's std and
+    count), oldest first; `changes` the adopted parameter versions, oldest first;
+    `abandoned` the branches rollbacks cut off (see abandoned_traces). Raw and smoothed
+    curves are each downsampled to at most `max_points` points, noise bands to fewer.
     """
     steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     series: dict[str, Any] = {}
     state: dict[str, list[float]] = {}
     for i, column in enumerate(SERIES, start=1):
-        raw = np.array([math.nan if r[i] is None else r[i] for r in rows], dtype=float)
+        raw = _column(rows, i)
         smooth, (last, count) = ema(raw.tolist(), weight)
         state[column] = [last, count]
         raw_x, raw_y = downsample(steps, raw, max_points)
@@ -230,8 +309,9 @@ def curve_figures(
             layout["yaxis"]["type"] = "log"
         if not rows:
             layout["annotations"] = [_empty_note("No statistics logged yet")]
-        data = _curve_traces(graph, series, lines) + abandoned_traces(graph, abandoned,
-                                                                       max_points)
+        bands = _loss_bands(rows, steps, max_points) if graph is LOSS else []
+        data = _curve_traces(graph, series, lines) + bands \
+            + abandoned_traces(graph, abandoned, max_points)
         figures.append({"data": data, "layout": layout})
     return figures[0], figures[1], state
 
@@ -266,7 +346,14 @@ def curve_extensions(
             "y": [train[0], train[1], validation[0], validation[1], cys],
             "text": [[], [], [], [], texts],
         }
-        extensions.append([update, list(CURVE_TRACES)])
+        traces = list(CURVE_TRACES)
+        if graph is LOSS:
+            for column in SPREAD:  # train then validation, as BAND_TRACES
+                update["x"] += [steps, steps]
+                update["y"] += [band_floats(edge) for edge in band_bounds(rows, column)]
+                update["text"] += [[], []]
+            traces += BAND_TRACES
+        extensions.append([update, traces])
     return extensions[0], extensions[1], new_state
 
 

@@ -281,7 +281,7 @@ def rollback_panel() -> html.Section:
 def alerts_panel() -> html.Section:
     return card(
         "Alerts",
-        html.Ul(id="alerts-list", className="alerts-list"),
+        html.Div(id="alerts-list", className="alerts-list"),
         tools=html.Span(id="alerts-count", className="tool-value"),
         class_name="alerts-card",
     )

@@ -5,7 +5,7 @@ checks run after the credential check (dashboard/auth.py) and before Dash dispat
 the envelope must have Dash's shape; no value may nest deeper than MAX_DEPTH, hold an
 integer a database column cannot (|n| >= 2**63) or text with NUL or a lone surrogate;
 the fields that name rows (the run, the compared runs, the checkpoint step, an alert's
-event id) and the page's other inputs must have the types the page sends. Client-held
+run and key) and the page's other inputs must have the types the page sends. Client-held
 stores (*-state, tokens) must be objects or empty; the callbacks treat their contents
 as hints and re-read the database.
 """
@@ -99,7 +99,13 @@ PROPERTY_RULES: dict[str, Callable[[Any], None]] = {
     prop: _kind(prop, "a count", is_count)
     for prop in ("n_clicks", "n_submit", "submit_n_clicks", "n_intervals")
 }
-ID_RULES: dict[str, Callable[[Any], None]] = {"event_id": _row_id("an alert's event_id", 1)}
+# The fields of a pattern-matching id (an alert's fix button, see callbacks_alerts.fix_id).
+ID_RULES: dict[str, Callable[[Any], None]] = {
+    "run_id": _row_id("an alert's run_id", 1),
+    "kind": _kind("an alert's kind", '"alert" or "event"', lambda v: v in ("alert", "event")),
+    "key": _kind("an alert's key", "a string", lambda v: isinstance(v, str)),
+    "render": _kind("an alert's render", "a count", is_count),
+}
 
 
 def check_dash_request(app: Dash) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, and_, case, func, or_, select
 
 from livetrain.db import schema as s
 
@@ -23,11 +23,31 @@ HISTORY_LIMIT = 200  # parameter changes and events shown per run
 LAST_POSITION = 1_000_000  # sorts layers missing from model_layers after the known ones
 
 CURVE_COLUMNS = ("train_loss", "validate_loss", "train_accuracy", "validate_accuracy")
+# What the loss curves' noise band is drawn from: each loss's spread and sample count.
+SPREAD_COLUMNS = ("train_loss_std", "train_loss_count", "validate_loss_std",
+                  "validate_loss_count")
+ALERT_LEVELS = ("warning", "error")  # events the Alerts panel lists when no episode holds them
 
 
 def _rows(engine: Engine, query: Any) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _alert_marks(run_id: int) -> list[Any]:
+    """What changes whenever the trainer upserts one of the run's episodes: its newest
+    dt_last, the logs all of them held and how many are open (a new log, a new episode,
+    one resolved or rolled back). Each reads the run's few rows through the primary key."""
+    a = s.alerts
+
+    def over_run(value: Any) -> Any:
+        return select(value).where(a.c.run_id == run_id).scalar_subquery()
+
+    return [
+        over_run(func.max(a.c.dt_last)).label("alert_time"),
+        over_run(func.coalesce(func.sum(a.c.logs), 0)).label("alert_logs"),
+        over_run(func.count(case((a.c.status == "open", 1)))).label("alerts_open"),
+    ]
 
 
 class BoardQueries:
@@ -60,7 +80,8 @@ class BoardQueries:
     def change_marks(self, run_id: int) -> dict[str, Any] | None:
         """In one round trip, a mark of everything a refresh may have to redraw: the
         newest logged step and activations, rollbacks, the parameters row, checkpoints,
-        events and the run's state. Each is an index-only MAX or COUNT, or a key lookup."""
+        events, alert episodes and the run's state. Each is an index-only MAX or COUNT, a
+        key lookup, or an aggregate over the run's few episodes found by their key."""
         def newest(column: Any, table: Any) -> Any:
             return select(func.max(column)).where(table.c.run_id == run_id).scalar_subquery()
 
@@ -71,6 +92,7 @@ class BoardQueries:
                 newest(s.activations.c.step, s.activations).label("activation_step"),
                 newest(s.abandoned_statistics.c.branch, s.abandoned_statistics).label("rollbacks"),
                 newest(s.events.c.event_id, s.events).label("event_id"),
+                *_alert_marks(run_id),
                 newest(c.c.step, c).label("checkpoint_step"),
                 select(func.count()).where(c.c.run_id == run_id).scalar_subquery()
                 .label("checkpoints"),
@@ -101,10 +123,12 @@ class BoardQueries:
     def curve_points(
         self, run_id: int, after_step: int = -1, limit: int = REFRESH_ROWS
     ) -> list[tuple[Any, ...]]:
-        """(step, train_loss, validate_loss, train_accuracy, validate_accuracy), oldest first."""
+        """(step, train_loss, validate_loss, train_accuracy, validate_accuracy,
+        train_loss_std, train_loss_count, validate_loss_std, validate_loss_count),
+        oldest first: the curves and their noise band."""
         t = s.statistics
         query = (
-            select(t.c.step, *(t.c[name] for name in CURVE_COLUMNS))
+            select(t.c.step, *(t.c[name] for name in CURVE_COLUMNS + SPREAD_COLUMNS))
             .where(t.c.run_id == run_id, t.c.step > after_step)
             .order_by(t.c.step)
             .limit(limit)
@@ -304,15 +328,42 @@ class BoardQueries:
         with self.engine.connect() as conn:
             return conn.execute(query).scalar() or 0
 
-    def alerts(
-        self, run_id: int, after_event_id: int = 0, limit: int = HISTORY_LIMIT
-    ) -> list[dict[str, Any]]:
-        """Warning and error events after `after_event_id`, newest first."""
-        t = s.events
+    def alert_marks(self, run_id: int) -> dict[str, Any]:
+        """What the Alerts panel was drawn from: the newest event and the episodes' marks
+        (see _alert_marks), one round trip."""
+        query = select(
+            select(func.max(s.events.c.event_id)).where(s.events.c.run_id == run_id)
+            .scalar_subquery().label("event_id"),
+            *_alert_marks(run_id),
+        )
+        return _rows(self.engine, query)[0]
+
+    def episodes(self, run_id: int, limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+        """The run's alert episodes: open ones first (never cut by `limit`), then by their
+        latest log, newest first."""
+        a = s.alerts
+        query = (
+            select(a)
+            .where(a.c.run_id == run_id)
+            .order_by((a.c.status == "open").desc(), a.c.last_step.desc(), a.c.alert_id)
+            .limit(limit)
+        )
+        return _rows(self.engine, query)
+
+    def episode(self, run_id: int, alert_id: str) -> dict[str, Any] | None:
+        a = s.alerts
+        rows = _rows(self.engine, select(a).where(a.c.run_id == run_id, a.c.alert_id == alert_id))
+        return rows[0] if rows else None
+
+    def alert_events(self, run_id: int, limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+        """Warning and error events no episode stands for, newest first: one-off logs (a
+        failed run, a refused change) and the diagnostics of runs logged before episodes.
+        An episode's code covers its events: the trainer logs one when an episode opens."""
+        t, a = s.events, s.alerts
+        covered = select(a.c.alert_id).where(a.c.run_id == t.c.run_id, a.c.code == t.c.code)
         query = (
             select(t)
-            .where(t.c.run_id == run_id, t.c.event_id > after_event_id,
-                   t.c.level.in_(("warning", "error")))
+            .where(t.c.run_id == run_id, t.c.level.in_(ALERT_LEVELS), ~covered.exists())
             .order_by(t.c.event_id.desc())
             .limit(limit)
         )
