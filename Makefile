@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(PYTHON) -m bench
 
 # The health rules against real runs: false alarms on 30 healthy ones, and how soon each
-# "Break it on purpose" pathology is flagged (about 10 minutes on 2 cores; not in `bench`).
+# "Break it on purpose" pathology is flagged (6 to 7 minutes on 2 cores; not in `bench`).
 insight-eval: $(STAMP)
 	$(PYTHON) -m bench.insight
 

@@ -3,6 +3,7 @@ subprocesses, the tables it prints, its exit status, and its replay of kept data
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -85,6 +86,26 @@ def test_replay_reproduces_what_the_trainer_raised(
     for live, again in zip(evaluation.outcomes, replayed.outcomes, strict=True):
         assert again.source == "replay" and again.logs == live.logs
         assert sorted(again.alarms, key=repr) == sorted(live.alarms, key=repr)
+
+
+def test_alerts_rows_are_preferred_to_events(evaluated: tuple[insight.Evaluation, Path],
+                                             tmp_path: Path) -> None:
+    """Once the trainer writes episodes to `alerts`, they are what counts for the run."""
+    evaluation, workdir = evaluated
+    sick = evaluation.outcomes[1]
+    db = tmp_path / "copy.sqlite"
+    shutil.copy(workdir / f"{sick.job.stem}{insight.DB_SUFFIX}", db)
+    conn = insight.connect(db)
+    run_id = insight.only_run(conn)
+    assert insight.read_alarms(conn, run_id) == (sick.alarms, "events")
+    conn.executemany(
+        "INSERT INTO alerts (run_id, alert_id, code, level, layer_name, status, first_step, "
+        "last_step, logs, message) VALUES (?, ?, ?, 'warning', ?, 'open', ?, ?, 1, 'm')",
+        [(run_id, "b", "loss_slow", None, 2, 2), (run_id, "a", "dead_relu", "fc1", 1, 2)])
+    assert insight.read_alarms(conn, run_id) == (
+        [insight.Alarm("dead_relu", 1, "fc1"), insight.Alarm("loss_slow", 2, None)], "alerts")
+    assert insight.read_alarms(conn, run_id + 1) == ([], "events")  # another run's: none
+    conn.close()
 
 
 def test_replay_counts_only_opened_episodes() -> None:
