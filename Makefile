@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench soak schema browser screenshots clean
+.PHONY: demo test lint bench insight-eval soak schema browser screenshots clean
 
 # The pinned requirements, then this package itself (editable: `import livetrain` sees the
 # work tree), exactly what a user does with `pip install -e .`.
@@ -36,6 +36,11 @@ screenshots: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PYTHON) -m bench
+
+# The health rules against real runs: false alarms on 30 healthy ones, and how soon each
+# "Break it on purpose" pathology is flagged (6 to 7 minutes on 2 cores; not in `bench`).
+insight-eval: $(STAMP)
+	$(PYTHON) -m bench.insight
 
 # 20 minutes of training with the board refreshing every second; memory, events, rows.
 soak: $(STAMP)
