@@ -442,10 +442,8 @@ def step_records(conn: sqlite3.Connection, run_id: int) -> list[Any]:
 
 
 def opened(returned: Iterable[Any]) -> list[Any]:
-    """What Diagnostician.observe returned that opens an episode. The noise-aware API
-    returns objects with a `kind`, "opened" marking a new episode; today's returns
-    Findings without one, each of them new."""
-    return [item for item in returned if getattr(item, "kind", "opened") == "opened"]
+    """What Diagnostician.observe returned that opens an episode (AlertChange.kind)."""
+    return [item for item in returned if item.kind == "opened"]
 
 
 def num_classes(conn: sqlite3.Connection, run_id: int) -> int | None:
@@ -457,7 +455,7 @@ def num_classes(conn: sqlite3.Connection, run_id: int) -> int | None:
 
 def replay_outcome(db: Path, job: Job) -> Outcome:
     """The alarms today's rules raise on a kept run's recorded telemetry."""
-    from livetrain.trainer.diagnostics import Diagnostician
+    from livetrain.trainer.diagnostician import Diagnostician
 
     outcome = Outcome(job, source="replay")
     conn = connect(db)

@@ -28,6 +28,7 @@ from statistics import fmean, median
 
 from livetrain.db.contract import DEFAULTS, DROPOUT_MAX, LR_MAX, WEIGHT_DECAY_MAX
 from livetrain.trainer.evidence import (
+    MAD_TO_STD,
     Estimate,
     Noise,
     noise,
@@ -50,36 +51,49 @@ UPDATE_RATIO_HIGH = 1e-2
 ACTIVATION_STD_LOW = 0.5
 ACTIVATION_STD_HIGH = 2.0
 ACTIVATION_STD_FACTOR = 2.0  # how far outside the band counts as far (see rule_activation_std)
+ACTIVATION_STD_MILD = 1.5  # a long stretch out must have its median that much further out
 
 # seed 003: dead ReLUs, units that output zero for every input.
-DEAD_RELU_FRACTION = 0.5  # "most units of the layer"
+DEAD_RELU_FRACTION = 0.6  # "most units of the layer" (a healthy tiny CNN: 0.53, measured)
 
 # Per-layer rules read one probe batch per log, so a condition must hold at several logs
-# in a row: at least MIN_PERSIST_LOGS, and either far out (FAR_DECADES summed over those
-# logs: the orders of magnitude beyond the limit) or for long (PERSIST_LOGS logs spanning
+# in a row: at least MIN_PERSIST_LOGS, and either far out (FAR_DECADES: the orders of
+# magnitude beyond the limit, typically over those logs) or for long (PERSIST_LOGS logs spanning
 # PERSIST_STEPS steps). One odd batch cannot raise it, nor can the first steps of a healthy
 # run, which sit near the limits (Adam's first update ratios: 1.3x the upper one, measured),
 # while a broken run is far out at once (Adam at lr 0.05: 17x, 6x, 3x at its first logs).
 MIN_PERSIST_LOGS = 3
-FAR_DECADES = 1.0
+FAR_DECADES = 0.5  # the stretch's median at least 10^0.5 (3.2x) beyond the limit
 PERSIST_LOGS = 5
 PERSIST_STEPS = 100
 DEAD_FAR_FRACTION = 0.9  # nearly every unit dead counts as far
+# Activations and dead units are not judged before step 50: a deep net's activations may
+# start far too small and grow within its first steps (AlexNet on digits, default init:
+# std 0.01-0.08 at steps 10-26, healthy by step 40, measured on 2 seeds).
+WARMUP_STEPS = 50
+# An update ratio far out is 10x beyond a limit at some log (Adam at lr 0.05: 0.17, then
+# 0.057, 0.029); healthy runs stay within 3.5x of it (measured: SGD+Nesterov at lr 0.02,
+# RMSprop and Adam at lr 1e-3..3e-3 peak at 0.02-0.035 in their first 50 steps). A ratio
+# mildly out must hold for long, at a median at least 2x beyond.
+UPDATE_RATIO_FAR = 10.0
+UPDATE_RATIO_MILD = 2.0
 
 # seeds 000/001: the loss should fall; rising -> lr too high or bad normalization; flat (or
 # falling very slowly) -> lr too low or a hard optimization, try another updater.
 # Each is a one-sided test at evidence.ALPHA per log (z about 3.7), and a change must also
 # be large enough to matter: a certain rise of 2 % is not worth an alert.
 RISING_RECENT_LOGS = (2, 4, 12)  # the mean of the last 2, 4 or 12 logs (a jump or a climb) ...
-RISING_REFERENCE_LOGS = 24  # ... against the mean of up to 24 before them (12 at least)
+RISING_REFERENCE_LOGS = 24  # ... against the mean of up to 24 before them ...
+RISING_REFERENCE_MIN_LOGS = 8  # ... and at least 8
 LOSS_RISING_FRACTION = 0.10  # and at least 10 % above it
-FLAT_LOGS = 12  # a plateau is judged on a line through at least 12 logs ...
+FLAT_LOGS = 20  # a plateau is judged on a line through at least 20 logs ...
 FLAT_STEPS = 50  # ... spanning at least 50 steps
 FLAT_FALL = 0.05  # flat or slow: surely within 5 % of its level across that window
 LOSS_FLAT_FLOOR = 0.1  # times ln C: below this the loss is low enough to level off
 
 # seed 003 (and 001: "watch for unusually large updates"): exploding gradients.
-GRADIENT_SPIKE_FACTOR = 10.0  # times the median of the layer's previous logs
+GRADIENT_SPIKE_FACTOR = 10.0  # times the median of the layer's previous logs ...
+GRADIENT_SPIKE_Z = 5.0  # ... and that many robust stds of their log10 above it
 GRADIENT_BASELINE_LOGS = 10
 GRADIENT_BASELINE_MIN_LOGS = 5
 
@@ -250,13 +264,11 @@ def _stretch(records: Sequence[StepRecord], name: str, field: str,
 
 
 def _decades_beyond(values: Sequence[float], limit: float, above: bool) -> float:
-    """Orders of magnitude beyond `limit`, summed over values (inf for a zero below)."""
-    total = 0.0
-    for v in values:
-        if v <= 0:
-            return math.inf
-        total += math.log10(v / limit) if above else math.log10(limit / v)
-    return total
+    """How many orders of magnitude beyond `limit` the values typically are (their median;
+    inf for a zero below): a long stretch just past a limit is not far out."""
+    beyond = [math.inf if v <= 0 else math.log10(v / limit) if above else math.log10(limit / v)
+              for v in values]
+    return median(beyond) if beyond else 0.0
 
 
 def _ratio_out(side: str) -> Callable[[LayerRecord], bool | None]:
@@ -272,8 +284,9 @@ def _ratio_out(side: str) -> Callable[[LayerRecord], bool | None]:
 
 
 def rule_update_ratio(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
-    """Seeds 000-002: a layer's update:parameter ratio out of 1e-4..1e-2, persistently
-    (Stretch.persists; far out is a decade beyond the limit, summed over the logs).
+    """Seeds 000-002: a layer's update:parameter ratio out of 1e-4..1e-2, persistently:
+    for 3 logs in a row when 10x beyond a limit at one of them, else for 5 logs over 100
+    steps with a median 2x beyond (UPDATE_RATIO_FAR, UPDATE_RATIO_MILD).
 
     Measured: Adam at lr 0.1 killed the net and its ratios fell to 1e-13 with zero
     gradients; raising the lr would be the wrong advice, hence zero gradients are skipped
@@ -285,8 +298,13 @@ def rule_update_ratio(history: Sequence[StepRecord], num_classes: int) -> list[F
     for layer in record.layers:
         for side, limit in (("high", UPDATE_RATIO_HIGH), ("low", UPDATE_RATIO_LOW)):
             stretch = _stretch(trained, layer.name, "update_ratio", _ratio_out(side))
-            far = _decades_beyond(stretch.values, limit, side == "high") >= FAR_DECADES
-            if stretch.persists(far):
+            if not stretch.values:
+                continue
+            worst = max(stretch.values) if side == "high" else 1 / min(stretch.values)
+            typical = median(stretch.values) if side == "high" else 1 / median(stretch.values)
+            scale = limit if side == "high" else 1 / limit
+            if (worst >= UPDATE_RATIO_FAR * scale and stretch.persists(far=True)) or (
+                    typical >= UPDATE_RATIO_MILD * scale and stretch.persists(far=False)):
                 offending[side][layer.name] = stretch
     findings = []
     for side, stretches in offending.items():
@@ -313,7 +331,8 @@ def rule_update_ratio(history: Sequence[StepRecord], num_classes: int) -> list[F
 
 
 def rule_activation_std(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
-    """Seeds 000/001: activation std far outside 0.5..2.0, persistently (Stretch.persists).
+    """Seeds 000/001: activation std far outside 0.5..2.0, persistently (Stretch.persists),
+    from step 50 (WARMUP_STEPS).
 
     The band is the seeds' and the board draws it, but a layer is out only when it is more
     than ACTIVATION_STD_FACTOR (2x) beyond it: below 0.25 or above 4.0. Why not the bare band:
@@ -326,7 +345,7 @@ def rule_activation_std(history: Sequence[StepRecord], num_classes: int) -> list
     BatchNorm still has its initial running statistics: 0.12-0.41 measured on healthy nets),
     layers without a nonlinearity (logits) and non-finite values.
     """
-    trained = _trained(history)
+    trained = [r for r in _trained(history) if r.step >= WARMUP_STEPS]
     low = ACTIVATION_STD_LOW / ACTIVATION_STD_FACTOR
     high = ACTIVATION_STD_HIGH * ACTIVATION_STD_FACTOR
     advice = {
@@ -345,8 +364,11 @@ def rule_activation_std(history: Sequence[StepRecord], num_classes: int) -> list
             stretch = _stretch(trained, layer.name, "act_std", lambda r, lim=limit, up=above: (
                 None if not math.isfinite(r.act_std) else (
                     r.act_std > lim if up else r.act_std < lim)))
-            if not stretch.persists(_decades_beyond(stretch.values, limit, above)
-                                    >= FAR_DECADES):
+            far = _decades_beyond(stretch.values, limit, above) >= FAR_DECADES
+            typical = median(stretch.values) if stretch.values else limit
+            mild = typical > limit * ACTIVATION_STD_MILD if above \
+                else typical < limit / ACTIVATION_STD_MILD
+            if not stretch.persists(far) or not (far or mild):
                 continue
             message = (
                 f"layer {layer.name}: activation std {_g(stretch.values[-1])}, "
@@ -360,9 +382,9 @@ def rule_activation_std(history: Sequence[StepRecord], num_classes: int) -> list
 
 def rule_dead_relu(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
     """Seed 003: most units of a layer output zero for every sample, persistently
-    (Stretch.persists; far out is nearly every unit dead at every log)."""
+    (Stretch.persists; far out is nearly every unit dead at every log), from step 50."""
     record = history[-1]
-    trained = _trained(history)
+    trained = [r for r in _trained(history) if r.step >= WARMUP_STEPS]
     findings = []
     for layer in record.layers:
         if not layer.has_nonlinearity:
@@ -415,7 +437,7 @@ def _rise(values: Sequence[float], told: Noise) -> tuple[int, Estimate, Estimate
     for recent in RISING_RECENT_LOGS:
         split = len(values) - recent
         start = max(0, split - RISING_REFERENCE_LOGS)
-        if split - start < RISING_REFERENCE_LOGS // 2:
+        if split - start < RISING_REFERENCE_MIN_LOGS:
             return None
         before = pooled(values[start:split], sigmas[start:split])
         after = pooled(values[split:], sigmas[split:])
@@ -428,8 +450,8 @@ def _rise(values: Sequence[float], told: Noise) -> tuple[int, Estimate, Estimate
 def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
     """Seeds 000/001: the training loss keeps rising -> lr too high or bad normalization.
 
-    Fires when the mean training loss of the last 2, 4 or 8 logs (a jump is seen at once, a
-    climb once it adds up) stands above the mean of the up to 16 logs before them (8 at
+    Fires when the mean training loss of the last 2, 4 or 12 logs (a jump is seen at once, a
+    climb once it adds up) stands above the mean of the up to 24 logs before them (8 at
     least) by more than z_threshold() standard errors (one-sided, false-alarm rate
     evidence.ALPHA per log, split over the three windows) and by at least 10 %. Silent when
     dropout or weight decay was raised inside the window: more regularisation raises the
@@ -469,7 +491,7 @@ def _flat_window(trained: Sequence[StepRecord]) -> Sequence[StepRecord] | None:
 def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
     """Seeds 000/001: the training loss stopped falling (flat) or crawls (slow) while high.
 
-    A weighted line through the training loss of the last 12+ logs spanning 50+ steps
+    A weighted line through the training loss of the last 20+ logs spanning 50+ steps
     (evidence.trend, against the step: epoch-end logs come at odd steps) must show, beyond
     noise, that the loss changed by less than 5 % of its level across the window, either way:
     the fitted change's confidence interval (z_threshold() standard errors each side) lies
@@ -539,24 +561,47 @@ def _slow_finding(record: StepRecord, level: float, fall: float,
                    "fall across the window, %", 100 * fall, False)
 
 
+def _spike(value: float, previous: Sequence[float]) -> bool:
+    """Whether `value` stands out of `previous` by both GRADIENT_SPIKE_FACTOR and
+    GRADIENT_SPIKE_Z robust standard deviations, on a log scale (gradient norms of small
+    batches are heavy-tailed: a healthy ResNet-18 at batch 32 spans 40x in 14 logs)."""
+    if value <= 0 or any(p <= 0 for p in previous):
+        return False
+    logs = [math.log10(p) for p in previous]
+    centre = median(logs)
+    spread = MAD_TO_STD * median(abs(v - centre) for v in logs)
+    return math.log10(value) - centre > max(math.log10(GRADIENT_SPIKE_FACTOR),
+                                            GRADIENT_SPIKE_Z * spread)
+
+
 def rule_exploding_gradients(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
-    """Seed 003: a layer's gradient norm > 10x the median of its previous 10 logs (needs 5)."""
+    """Seed 003: a layer's gradient norm > 10x the median of its previous 10 logs (needs 5),
+    and beyond their usual spread (_spike), in at least half the layers at once: a small
+    batch's gradients are heavy-tailed (a healthy tiny CNN at batch 16: one layer 12x its
+    median for one log), an explosion reaches most of the network (lr 1.0 mid-run: 3 of
+    4 layers 12-19x at the first log)."""
     record = history[-1]
     if record.step == 0:
         return []
     previous_records = _trained(history)[-GRADIENT_BASELINE_LOGS - 1 : -1]
-    findings = []
+    judged: dict[str, tuple[list[float], bool]] = {}
     for layer in record.layers:
         previous = [
             g for g in _layer_values(previous_records, layer.name, "grad_norm")
             if g is not None and math.isfinite(g)
         ]
-        if (len(previous) < GRADIENT_BASELINE_MIN_LOGS or layer.grad_norm is None
-                or not math.isfinite(layer.grad_norm)):
+        if (len(previous) >= GRADIENT_BASELINE_MIN_LOGS and layer.grad_norm is not None
+                and math.isfinite(layer.grad_norm) and median(previous) > 0):
+            judged[layer.name] = previous, _spike(layer.grad_norm, previous)
+    spiking = [name for name, (_, spike) in judged.items() if spike]
+    if 2 * len(spiking) < len(judged):
+        return []  # one layer's odd batch; an explosion reaches most of the network
+    findings = []
+    for layer in record.layers:
+        if layer.name not in spiking:
             continue
+        previous = judged[layer.name][0]
         baseline = median(previous)
-        if baseline <= 0 or layer.grad_norm <= GRADIENT_SPIKE_FACTOR * baseline:
-            continue
         recommendation, fix = _lr_advice(
             record,
             0.1,
@@ -594,7 +639,7 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     """Seed 002: validation loss rising while training loss falls -> stop early or regularise.
 
     Early stopping's own question, asked of evidence: does the mean validation loss of the
-    last 8 logs stand above the best mean of the blocks of 16 logs before them by more
+    last 12 logs stand above the best mean of the blocks of 24 logs before them by more
     than z_threshold() standard errors (Bonferroni over the blocks: picking the lowest of
     several noisy means is itself a chance to be fooled) and by at least 10 %, while the
     training loss fell (its mean over the same logs is lower)? A slow climb counts as

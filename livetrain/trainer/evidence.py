@@ -78,13 +78,18 @@ def noise(values: Sequence[float], errors: Sequence[float | None],
 
     The scatter is taken over `background` when given: a longer stretch of the same series
     (the run's recent history) that estimates it better than the window under test alone.
-    None when neither is known for some value: a rule then cannot judge and stays silent.
+    A value without a standard error, among a majority that have one (an epoch's last
+    interval of one step), is given the largest of theirs. None when neither is known for
+    some value: a rule then cannot judge and stays silent.
     Where a value has no standard error the scatter alone stands for it, and the scatter
     is itself an estimate: `dof` says how good, for z_threshold. A noiseless series still
     gets a tiny noise, relative to its values, so that a test of it divides by something.
     """
     background = values if background is None else background
     spread = scatter(background)
+    known = [e for e in errors if e is not None and math.isfinite(e)]
+    if 2 * len(known) >= len(errors):  # a few logs without one (a 1-step epoch end):
+        errors = [e if e is not None and math.isfinite(e) else max(known) for e in errors]
     sigmas = []
     for value, error in zip(values, errors, strict=True):
         known = [s for s in (error, spread) if s is not None and math.isfinite(s)]
