@@ -18,22 +18,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ["--dataset", "digits", "--log-every", "5"]
 
+# Budgets (--max-steps): per-layer rules on activations and dead units wait for step 50
+# (diagnostics.WARMUP_STEPS) and then for 3 logs; a plateau needs 20 logs (FLAT_LOGS);
+# overfitting 12 logs above the best block of up to 24 (OVERFIT_*).
 CASES = {
     "initial_loss": [*DIGITS, "--init", "normal:1", "--max-steps", "5"],
     "update_ratio_high": [*DIGITS, "--lr", "0.05", "--max-steps", "40"],
-    "dead_relu": [*DIGITS, "--lr", "0.05", "--max-steps", "30"],
+    "dead_relu": [*DIGITS, "--lr", "0.05", "--max-steps", "70"],
     "update_ratio_low": [*DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--max-steps", "40"],
-    "loss_flat": [*DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--max-steps", "70"],
+    "loss_flat": [*DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--max-steps", "130"],
     "activation_std_low": [
-        *DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--init", "normal:0.001", "--max-steps", "40"
+        *DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--init", "normal:0.001", "--max-steps", "70"
     ],
     "activation_std_high": [
-        *DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--init", "normal:1", "--max-steps", "40"
+        *DIGITS, "--optimizer", "SGD", "--lr", "1e-5", "--init", "normal:1", "--max-steps", "70"
     ],
-    "exploding_gradients": [*DIGITS, "--optimizer", "SGD", "--lr", "0.7", "--max-steps", "60"],
     "overfitting": [
-        "--log-every", "5", "--overfit-batches", "1", "--dropout", "0", "--lr", "3e-3",
-        "--epochs", "1000", "--max-steps", "90",
+        *DIGITS, "--overfit-batches", "1", "--dropout", "0", "--lr", "1e-2", "--epochs", "1000",
+        "--max-steps", "150",
     ],
 }
 
@@ -72,8 +74,9 @@ def test_pathology_is_found(tmp_path: Path, code: str) -> None:
         assert layer and layer in message  # names the layer
 
 
-def test_loss_rising_after_a_bad_change_from_sql(tmp_path: Path) -> None:
-    """Steered into it the way a user would: lr 1.0 with plain SGD mid-run."""
+def test_loss_rising_and_exploding_gradients_after_a_bad_change_from_sql(tmp_path: Path) -> None:
+    """Steered into it the way a user would: lr 1.0 with plain SGD mid-run. (Started that
+    way, a run blows up within its first 5 steps, before any log could be a baseline.)"""
     db = tmp_path / "run.db"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--db", f"sqlite:///{db}", "--no-progress",
@@ -96,7 +99,8 @@ def test_loss_rising_after_a_bad_change_from_sql(tmp_path: Path) -> None:
                      "WHERE run_id = 1")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if conn.execute("SELECT 1 FROM events WHERE code = 'loss_rising'").fetchone():
+            if conn.execute("SELECT count(DISTINCT code) FROM events WHERE code IN "
+                            "('loss_rising', 'exploding_gradients')").fetchone()[0] == 2:
                 break
             time.sleep(0.1)
         # The blow-up may also go non-finite and pause the run: a stop ends it either way.
@@ -112,6 +116,9 @@ def test_loss_rising_after_a_bad_change_from_sql(tmp_path: Path) -> None:
         "SELECT applied_step FROM parameter_changes WHERE learning_rate = 1.0"
     ).fetchone()[0]
     assert step > applied and "learning rate" in recommendation and "learning_rate" in fix
+    assert "exploding_gradients" in found, sorted(found)
+    _level, step, layer, message, _recommendation, _fix = found["exploding_gradients"]
+    assert step > applied and layer and layer in message
 
 
 def test_a_healthy_default_run_raises_nothing(tmp_path: Path) -> None:
