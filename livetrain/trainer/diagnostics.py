@@ -86,6 +86,7 @@ RISING_RECENT_LOGS = (2, 4, 12)  # the mean of the last 2, 4 or 12 logs (a jump 
 RISING_REFERENCE_LOGS = 24  # ... against the mean of up to 24 before them ...
 RISING_REFERENCE_MIN_LOGS = 8  # ... and at least 8
 LOSS_RISING_FRACTION = 0.10  # and at least 10 % above it
+BLOWN_UP_SPREAD = 5.0  # a log this much noisier than the logs before blew up within itself
 FLAT_LOGS = 20  # a plateau is judged on a line through at least 20 logs ...
 FLAT_STEPS = 50  # ... spanning at least 50 steps
 FLAT_FALL = 0.05  # flat or slow: surely within 5 % of its level across that window
@@ -440,7 +441,11 @@ def _rise(values: Sequence[float], told: Noise) -> tuple[int, Estimate, Estimate
         if split - start < RISING_REFERENCE_MIN_LOGS:
             return None
         before = pooled(values[start:split], sigmas[start:split])
-        after = pooled(values[split:], sigmas[split:])
+        # A loss that blows up within an interval has a huge spread of its own, made by
+        # the very rise under test: such a log is judged by the noise the loss had before.
+        null = median(sigmas[start:split])
+        after = pooled(values[split:], [null if s > BLOWN_UP_SPREAD * null else s
+                                        for s in sigmas[split:]])
         z = z_above(after, before)
         if z >= threshold and after.mean > before.mean * (1 + LOSS_RISING_FRACTION):
             return recent, before, after, z
@@ -453,7 +458,11 @@ def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     Fires when the mean training loss of the last 2, 4 or 12 logs (a jump is seen at once, a
     climb once it adds up) stands above the mean of the up to 24 logs before them (8 at
     least) by more than z_threshold() standard errors (one-sided, false-alarm rate
-    evidence.ALPHA per log, split over the three windows) and by at least 10 %. Silent when
+    evidence.ALPHA per log, split over the three windows) and by at least 10 %. A recent
+    log whose noise is more than 5x the earlier logs' typical noise is judged by the
+    latter, what the test assumes under "no rise": a loss that blows up within an
+    interval (0.7 to 975 in 5 steps) spreads its per-step losses by the rise itself, which
+    must not hide it. Silent when
     dropout or weight decay was raised inside the window: more regularisation raises the
     training loss by design (and is what the overfitting fix suggests).
     """
