@@ -16,10 +16,9 @@ torch on one thread, `--jobs` (default 2) at a time:
              the change was applied at (`parameter_changes.applied_step`).
 A run that pauses itself (non_finite) is stopped with `stop_train`, as a user would.
 
-What a run raised is read from the database as any client reads it: the `alerts`
-table (one row per diagnostic episode, at its first_step) when it has rows for the
-run, else the `events` rows of a diagnostic code at level warning or error (one per
-episode opened). Logs are the run's `statistics` rows.
+What a run raised is read from the database as any client reads it: its `alerts`
+rows (one per diagnostic episode, at its first_step). Logs are the run's `statistics`
+rows.
 
 Prints, for the healthy matrix, per rule code the alarms, the alarms per 100 logs and
 the runs raising it, then every run's alarms and duration; for the pathology matrix,
@@ -59,9 +58,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The codes the health rules raise (livetrain/trainer/diagnostics.py; loss_slow is the
-# noise-aware rules' new one). Other warning and error events (early_stopped,
-# spill_refused, parameters_rejected, ...) are about the run, not its health.
+# The codes the health rules raise (livetrain/trainer/diagnostics.py), in the table's order.
 DIAGNOSTIC_CODES = (
     "non_finite", "initial_loss", "update_ratio_high", "update_ratio_low",
     "activation_std_low", "activation_std_high", "dead_relu", "loss_rising", "loss_flat",
@@ -204,7 +201,7 @@ class Outcome:
     alarms: list[Alarm] = field(default_factory=list)
     reference_step: int = 0  # budgets count from here: 0, or a steered change's step
     seconds: float | None = None  # wall time of the run (None: replayed)
-    source: str = ""  # "alerts", "events" or "replay"
+    source: str = ""  # "alerts" (a live run's table) or "replay"
     problem: str | None = None  # the run failed, timed out or was never steered
 
 
@@ -227,27 +224,13 @@ def connect(db: Path) -> sqlite3.Connection:
     return sqlite3.connect(db, timeout=10, isolation_level=None)
 
 
-def has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                        (name,)).fetchone() is not None
-
-
-def read_alarms(conn: sqlite3.Connection, run_id: int) -> tuple[list[Alarm], str]:
-    """The run's alarms and where they came from: the alerts table when it holds rows for
-    the run (every row an episode), else the events of a diagnostic code (one per
-    episode opened)."""
-    if has_table(conn, "alerts"):
-        rows = conn.execute(
-            "SELECT code, first_step, layer_name FROM alerts WHERE run_id = ? "
-            "ORDER BY first_step, alert_id", (run_id,)).fetchall()
-        if rows:
-            return [Alarm(*row) for row in rows], "alerts"
-    marks = ",".join("?" * len(DIAGNOSTIC_CODES))
+def read_alarms(conn: sqlite3.Connection, run_id: int) -> list[Alarm]:
+    """The run's alarms as any SQL client sees them: its `alerts` rows, one per episode
+    (a problem that held for 100 logs is one alarm, not 100)."""
     rows = conn.execute(
-        f"SELECT code, step, layer_name FROM events WHERE run_id = ? "
-        f"AND level IN ('warning', 'error') AND code IN ({marks}) ORDER BY event_id",
-        (run_id, *DIAGNOSTIC_CODES)).fetchall()
-    return [Alarm(*row) for row in rows], "events"
+        "SELECT code, first_step, layer_name FROM alerts WHERE run_id = ? "
+        "ORDER BY first_step, alert_id", (run_id,)).fetchall()
+    return [Alarm(*row) for row in rows]
 
 
 def only_run(conn: sqlite3.Connection) -> int:
@@ -276,7 +259,7 @@ def read_outcome(db: Path, job: Job, outcome: Outcome) -> None:
         run_id = only_run(conn)
         (outcome.logs,) = conn.execute("SELECT count(*) FROM statistics WHERE run_id = ?",
                                        (run_id,)).fetchone()
-        outcome.alarms, outcome.source = read_alarms(conn, run_id)
+        outcome.alarms, outcome.source = read_alarms(conn, run_id), "alerts"
         steer = getattr(job.case, "steer", None)
         if steer is not None:
             step = steered_step(conn, run_id, steer)

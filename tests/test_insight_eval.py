@@ -88,33 +88,33 @@ def test_replay_reproduces_what_the_trainer_raised(
         assert sorted(again.alarms, key=repr) == sorted(live.alarms, key=repr)
 
 
-def test_alerts_rows_are_preferred_to_events(evaluated: tuple[insight.Evaluation, Path],
-                                             tmp_path: Path) -> None:
-    """Once the trainer writes episodes to `alerts`, they are what counts for the run."""
+def test_alarms_are_the_runs_alert_episodes(evaluated: tuple[insight.Evaluation, Path],
+                                           tmp_path: Path) -> None:
+    """What counts is the `alerts` table, one row per episode, as any SQL client reads it."""
     evaluation, workdir = evaluated
     sick = evaluation.outcomes[1]
     db = tmp_path / "copy.sqlite"
     shutil.copy(workdir / f"{sick.job.stem}{insight.DB_SUFFIX}", db)
     conn = insight.connect(db)
     run_id = insight.only_run(conn)
-    assert insight.read_alarms(conn, run_id) == (sick.alarms, "events")
+    assert sick.source == "alerts" and sick.alarms
+    assert insight.read_alarms(conn, run_id) == sick.alarms
+    conn.execute("DELETE FROM alerts")
     conn.executemany(
         "INSERT INTO alerts (run_id, alert_id, code, level, layer_name, status, first_step, "
         "last_step, logs, message) VALUES (?, ?, ?, 'warning', ?, 'open', ?, ?, 1, 'm')",
         [(run_id, "b", "loss_slow", None, 2, 2), (run_id, "a", "dead_relu", "fc1", 1, 2)])
-    assert insight.read_alarms(conn, run_id) == (
-        [insight.Alarm("dead_relu", 1, "fc1"), insight.Alarm("loss_slow", 2, None)], "alerts")
-    assert insight.read_alarms(conn, run_id + 1) == ([], "events")  # another run's: none
+    assert insight.read_alarms(conn, run_id) == [
+        insight.Alarm("dead_relu", 1, "fc1"), insight.Alarm("loss_slow", 2, None)]
+    assert insight.read_alarms(conn, run_id + 1) == []  # another run's: none
     conn.close()
 
 
 def test_replay_counts_only_opened_episodes() -> None:
-    """The adapter for the noise-aware API: objects with a kind count when "opened";
-    objects without one (today's Findings) all count."""
+    """Replay counts what Diagnostician.observe reports as opened, not held or resolved."""
     class Item:
-        def __init__(self, kind: str | None) -> None:
-            if kind is not None:
-                self.kind = kind
+        def __init__(self, kind: str) -> None:
+            self.kind = kind
 
-    items = [Item("opened"), Item("holding"), Item("resolved"), Item(None)]
-    assert insight.opened(items) == [items[0], items[3]]
+    items = [Item("opened"), Item("held"), Item("resolved"), Item("rolled_back")]
+    assert insight.opened(items) == [items[0]]

@@ -146,3 +146,23 @@ def test_early_stopping_finishes_when_validation_stops_improving(tmp_path: Path)
     (last,) = conn.execute("SELECT max(step) FROM statistics").fetchone()
     (message,) = conn.execute("SELECT message FROM events WHERE code = 'early_stopped'").fetchone()
     assert status == "finished" and last < 400 and "not improved" in message
+
+
+def test_a_condition_held_for_100_logs_is_one_alert(tmp_path: Path) -> None:
+    """One alert per problem: an lr far too low holds update_ratio_low at every log of a
+    long run, which gives one `alerts` row and one `events` row per layer, not one a log."""
+    conn = train(tmp_path, "--dataset", "digits", "--log-every", "2", "--optimizer", "SGD",
+                 "--lr", "1e-5", "--max-steps", "230")
+    rows = conn.execute(
+        "SELECT layer_name, status, first_step, last_step, logs FROM alerts "
+        "WHERE code = 'update_ratio_low'").fetchall()
+    held = [r for r in rows if r[4] >= 100]
+    assert held, rows
+    for layer, status, _first, last, logs in held:
+        assert status == "open" and last == 230 and logs >= 100
+        (events,) = conn.execute("SELECT count(*) FROM events WHERE code = 'update_ratio_low' "
+                                 "AND layer_name = ?", (layer,)).fetchone()
+        episodes = sum(1 for r in rows if r[0] == layer)
+        assert events == episodes, (layer, events, rows)  # an event opens an episode
+    (statistics,) = conn.execute("SELECT count(*) FROM statistics").fetchone()
+    assert statistics > 100
