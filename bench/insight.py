@@ -605,6 +605,16 @@ def report(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be integers >= 0: {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("healthy", "pathology"), help="one matrix only")
@@ -613,10 +623,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the run databases (and train.py's output) here and keep them")
     p.add_argument("--replay", type=Path, metavar="DIR",
                    help="no training: today's rules over the databases a --keep run left")
+    p.add_argument("--seeds", type=_seeds, default=SEEDS, metavar="S1,S2",
+                   help="the healthy runs' seeds (default 0,1; others are a held-out check "
+                        "of rules tuned on those)")
     args = p.parse_args(argv)
     kinds = (args.only,) if args.only else ("healthy", "pathology")
     jobs = jobs_for(HEALTHY if "healthy" in kinds else (),
-                    PATHOLOGIES if "pathology" in kinds else ())
+                    PATHOLOGIES if "pathology" in kinds else (), args.seeds)
     if args.replay:
         evaluation = replay(args.replay, jobs)
     else:
