@@ -10,6 +10,7 @@ rate, weight decay, dropout or optimizer while this runs; stop it from there too
 from __future__ import annotations
 
 import argparse
+import statistics
 from functools import partial
 
 import numpy as np
@@ -54,16 +55,20 @@ def as_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    """The held-out loss and accuracy (percent) that LiveRun logs beside the training loss."""
+    """The held-out loss and accuracy (percent) that LiveRun logs beside the training loss,
+    with the spread of the per-batch losses: the board draws it as the loss's noise band,
+    and the health rules judge a rise against it."""
     model.eval()
-    loss, correct, seen = 0.0, 0, 0
+    batch_losses, correct, seen = [], 0, 0
     for x, y in loader:
         out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
+        batch_losses.append(F.cross_entropy(out, y).item())
         correct += (out.argmax(1) == y).sum().item()
         seen += len(y)
     model.train()
-    return {"loss": loss / seen, "accuracy": 100.0 * correct / seen}
+    return {"loss": statistics.fmean(batch_losses), "accuracy": 100.0 * correct / seen,
+            "loss_std": statistics.stdev(batch_losses) if len(batch_losses) > 1 else None,
+            "batches": len(batch_losses)}
 
 
 def train_epoch(run: LiveRun, model: nn.Module, loader: DataLoader) -> None:
