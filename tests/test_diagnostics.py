@@ -18,6 +18,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cache
+from itertools import pairwise
 
 import pytest
 
@@ -616,6 +617,29 @@ def test_a_log_that_blew_up_within_itself_is_judged_by_the_noise_before_it() -> 
     [(step, change)] = [(s, c) for s, c in alert_changes(run) if c.kind == "opened"]
     assert (step, change.code) == (run[-1].step, "loss_rising")
     assert "mean of the last 2 logs" in change.episode.finding.message
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BLOWN_UP_SPREAD compares standard errors, not per-step spreads: a 2-step interval's se "
+    "is sqrt(50 / 2) = 5x a 50-step one's on the same per-step noise, so about half the time "
+    "it counts as blown up and is judged by the 50-step noise; measured on 2000 seeds: a "
+    "flat loss fires at 5.5 % of 2-step epoch ends (per-step sd 0.3; 2 % at 0.15), 1.7 % of "
+    "3-step ones"))
+def test_a_short_epoch_end_interval_is_no_rise() -> None:
+    """An epoch's last interval may be a few steps long (its log comes at an odd step): its
+    mean is as noisy as its se says, with no rise behind it."""
+    fires, seeds = 0, 200
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        steps = [*range(EVERY, 21 * EVERY, EVERY), 20 * EVERY + 2]  # 20 intervals of 50, one of 2
+        records = []
+        for start, stop in pairwise([0, *steps]):
+            losses = [1.0 + 0.3 * rng.gauss(0, 1) for _ in range(stop - start)]
+            se = statistics.stdev(losses) / math.sqrt(len(losses))
+            records.append(StepRecord(stop, statistics.fmean(losses), None, LR, "Adam", 0.0, 50,
+                                      (), se))
+        fires += bool(diagnostics.rule_loss_rising(records, 10))
+    assert fires <= allowed_false_alarms(seeds)
 
 
 @pytest.mark.xfail(strict=True, reason="without a measured se, a one-log spike (+80 %, "
