@@ -18,6 +18,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import cache
+from itertools import pairwise
 
 import pytest
 
@@ -27,11 +28,18 @@ from livetrain.trainer.diagnostics import (
     ACTIVATION_STD_FACTOR,
     ACTIVATION_STD_HIGH,
     ACTIVATION_STD_LOW,
+    ACTIVATION_STD_MILD,
+    BLOWN_UP_SPREAD,
+    DEAD_FAR_FRACTION,
     DEAD_RELU_FRACTION,
     FAR_DECADES,
     FLAT_FALL,
     FLAT_LOGS,
     FLAT_STEPS,
+    GRADIENT_BASELINE_LOGS,
+    GRADIENT_BASELINE_MIN_LOGS,
+    GRADIENT_SPIKE_FACTOR,
+    GRADIENT_SPIKE_Z,
     HISTORY_LOGS,
     INITIAL_LOSS_TOLERANCE,
     LOSS_RISING_FRACTION,
@@ -41,7 +49,12 @@ from livetrain.trainer.diagnostics import (
     PERSIST_LOGS,
     PERSIST_STEPS,
     RISING_RECENT_LOGS,
+    RISING_REFERENCE_MIN_LOGS,
+    UPDATE_RATIO_FAR,
     UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_LOW,
+    UPDATE_RATIO_MILD,
+    WARMUP_STEPS,
     Finding,
     LayerRecord,
     StepRecord,
@@ -221,19 +234,26 @@ def test_initial_loss_only_judges_the_step_0_record() -> None:
 
 # --- per-layer rules: persistence ----------------------------------------------------------
 
-# A value out by this much at every log sums to FAR_DECADES only after 4 x PERSIST_LOGS logs:
-# "mildly out", which must persist PERSIST_LOGS logs over PERSIST_STEPS steps.
-MILD_LOGS = 4 * PERSIST_LOGS
-MILD = 10 ** (FAR_DECADES / MILD_LOGS)
-# Out by this much, MIN_PERSIST_LOGS logs are far out.
-FAR = 10 ** (1.2 * FAR_DECADES / MIN_PERSIST_LOGS)
+# Each per-layer rule has two ways to persist: far out for MIN_PERSIST_LOGS logs, or mildly
+# out for PERSIST_LOGS logs spanning PERSIST_STEPS steps. These values sit 1.2x inside or
+# beyond each rule's boundaries, so they test the definitions, not the floating point.
+RATIO_MILD = UPDATE_RATIO_HIGH * UPDATE_RATIO_MILD * 1.2  # 0.024: mildly out, never far
+RATIO_FAR = UPDATE_RATIO_HIGH * UPDATE_RATIO_FAR * 1.2  # 0.12: far out at one log
+RATIO_FAR_LOW = UPDATE_RATIO_LOW / (UPDATE_RATIO_FAR * 1.2)  # 8.3e-06: far out below
+STD_LOW = ACTIVATION_STD_LOW / ACTIVATION_STD_FACTOR  # 0.25
+STD_HIGH = ACTIVATION_STD_HIGH * ACTIVATION_STD_FACTOR  # 4.0
+STD_MILD = STD_LOW / (ACTIVATION_STD_MILD * 1.2)  # 0.14: mildly out, never far
+STD_FAR = STD_LOW / 10 ** (FAR_DECADES * 1.2)  # 0.063: far out
 
 
 def test_persistence_constants_make_sense() -> None:
-    """The tests below assume a mild stretch is not far within PERSIST_LOGS logs, and that
-    PERSIST_LOGS logs at the default spacing span PERSIST_STEPS steps."""
-    assert MIN_PERSIST_LOGS < PERSIST_LOGS < MILD_LOGS
+    """The tests below assume a mild stretch is not far, and that PERSIST_LOGS logs at the
+    default spacing span PERSIST_STEPS steps, all of them after the warm-up."""
+    assert MIN_PERSIST_LOGS < PERSIST_LOGS
     assert (PERSIST_LOGS - 1) * EVERY >= PERSIST_STEPS
+    assert RATIO_MILD < UPDATE_RATIO_HIGH * UPDATE_RATIO_FAR
+    assert math.log10(STD_LOW / STD_MILD) < FAR_DECADES <= math.log10(STD_LOW / STD_FAR)
+    assert EVERY >= WARMUP_STEPS  # the first trained log is judged by every rule
 
 
 # --- update:parameter ratio (seeds 000-002) ------------------------------------------------
@@ -241,27 +261,42 @@ def test_persistence_constants_make_sense() -> None:
 
 def test_update_ratio_high_fires_with_lr_fix() -> None:
     run = healthy_run(10)
-    set_layer(run, "features.4", "update_ratio", [0.032, 0.030, 0.035])  # far: 1.5 decades
+    set_layer(run, "features.4", "update_ratio", [0.030, RATIO_FAR, 0.035])  # far at one log
     finding = only(run, "update_ratio_high")
     assert (finding.level, finding.layer) == ("warning", "features.4")
     assert "layer features.4" in finding.message
     assert "10^-1.5" in finding.message  # the latest ratio, 0.035
     assert "0.035" in finding.message
     assert "last 3 logs (steps 350-450)" in finding.message
-    # 3e-4 * 1e-3 / 0.032 (median) = 9.4e-06, one significant digit
+    # 3e-4 * 1e-3 / 0.035 (median) = 8.6e-06, one significant digit
     assert finding.fix == {"learning_rate": 9e-06}
     assert "9e-06" in finding.recommendation
     assert (finding.measure, finding.value, finding.higher_is_worse) == (
         "update:parameter ratio", 0.035, True)
 
 
+@pytest.mark.parametrize("side", ["high", "low"])
+def test_update_ratio_far_out_is_10x_beyond_a_limit_at_one_log(side: str) -> None:
+    """Healthy runs peak at 3.5x the upper limit (0.035, measured) in their first logs:
+    MIN_PERSIST_LOGS logs there are silent; one of them UPDATE_RATIO_FAR beyond fires."""
+    limit, out = (UPDATE_RATIO_HIGH, 1.0) if side == "high" else (UPDATE_RATIO_LOW, -1.0)
+    near = limit * 3.5**out
+    for middle, fires in [(near, False),
+                          (limit * (UPDATE_RATIO_FAR / 1.01) ** out, False),
+                          (limit * (UPDATE_RATIO_FAR * 1.01) ** out, True)]:
+        run = healthy_run(10)
+        set_layer(run, "features.4", "update_ratio", [near, middle, near])
+        changes = [(s, c.code) for s, c in alert_changes(run) if c.kind == "opened"]
+        assert changes == ([(run[-1].step, f"update_ratio_{side}")] if fires else []), middle
+
+
 def test_update_ratio_low_fires_per_layer_with_a_shared_fix() -> None:
     run = healthy_run(10)
-    set_layer(run, "features.0", "update_ratio", [2e-5, 2e-5, 2e-5])
-    set_layer(run, "classifier.1", "update_ratio", [4e-5, 4e-5, 4e-5])
+    set_layer(run, "features.0", "update_ratio", [2e-5, RATIO_FAR_LOW, 2e-5])
+    set_layer(run, "classifier.1", "update_ratio", [4e-5, RATIO_FAR_LOW, 4e-5])
     findings = opened(run, "update_ratio_low")
     assert sorted(f.layer or "" for f in findings) == ["classifier.1", "features.0"]
-    # median of the layers' ratios 3e-5: 3e-4 * 1e-3 / 3e-5 = 1e-02
+    # median of the layers' median ratios 3e-5: 3e-4 * 1e-3 / 3e-5 = 1e-02
     assert all(f.fix == {"learning_rate": 0.01} for f in findings)
     by_layer = {f.layer: f for f in findings}
     assert "2e-05" in by_layer["features.0"].message
@@ -272,7 +307,7 @@ def test_update_ratio_low_fires_per_layer_with_a_shared_fix() -> None:
 def test_update_ratio_fix_is_clamped_to_the_largest_lr() -> None:
     run = healthy_run(10)
     set_records(run, learning_rate=[0.5] * 9)
-    set_layer(run, "features.4", "update_ratio", [1e-5, 1e-5, 1e-5])
+    set_layer(run, "features.4", "update_ratio", [1e-5, RATIO_FAR_LOW, 1e-5])
     assert only(run, "update_ratio_low").fix == {"learning_rate": 1.0}
     set_records(run, learning_rate=[1.0] * 9)
     finding = only(run, "update_ratio_low")
@@ -282,19 +317,21 @@ def test_update_ratio_fix_is_clamped_to_the_largest_lr() -> None:
 
 def test_update_ratio_skips_nan_ratios() -> None:
     run = healthy_run(10)
-    set_layer(run, "features.4", "update_ratio", [0.05, math.nan, 0.05, math.nan, 0.05])
+    set_layer(run, "features.4", "update_ratio", [0.05, math.nan, RATIO_FAR, math.nan, 0.05])
     assert only(run, "update_ratio_high").layer == "features.4"
 
 
 @pytest.mark.parametrize(
     "ratios",
     [
-        [0.05],  # one odd probe log
+        [RATIO_FAR],  # one odd probe log
         [0.5, 0.5],  # 2 logs, however far out
-        [0.05, 0.05, 0.005],  # back in the band
+        [RATIO_FAR, RATIO_FAR, 0.005],  # back in the band
         [0.03, 0.001, 0.03, 0.001, 0.03, 0.001],  # noisy: never 3 in a row
-        [0.05, 2e-5, 0.05],  # out on both sides, not one side 3 times
-        [UPDATE_RATIO_HIGH * MILD] * (PERSIST_LOGS - 1),  # mildly out, not long enough
+        [RATIO_FAR, 2e-5, RATIO_FAR],  # out on both sides, not one side 3 times
+        [RATIO_MILD] * (PERSIST_LOGS - 1),  # mildly out, not long enough
+        [UPDATE_RATIO_HIGH * UPDATE_RATIO_MILD / 1.2] * 9,  # long, but its median below 2x
+        [UPDATE_RATIO_LOW / UPDATE_RATIO_MILD * 1.2] * 9,  # the same below
     ],
 )
 def test_update_ratio_not_persistent_is_silent(ratios: list[float]) -> None:
@@ -305,7 +342,7 @@ def test_update_ratio_not_persistent_is_silent(ratios: list[float]) -> None:
 
 def test_update_ratio_far_out_fires_at_the_third_log() -> None:
     run = healthy_run(12)
-    set_layer(run, "features.4", "update_ratio", [UPDATE_RATIO_HIGH * FAR] * 5)
+    set_layer(run, "features.4", "update_ratio", [RATIO_FAR] * 5)
     steps = [step for step, c in alert_changes(run) if c.kind == "opened"]
     assert steps == [run[-5 + MIN_PERSIST_LOGS - 1].step]
 
@@ -313,16 +350,15 @@ def test_update_ratio_far_out_fires_at_the_third_log() -> None:
 def test_update_ratio_mildly_out_needs_persist_logs_over_persist_steps() -> None:
     """At the default spacing PERSIST_LOGS logs span enough steps: it fires at the last of
     them. Logged more often, it waits until the stretch spans PERSIST_STEPS steps."""
-    mild = UPDATE_RATIO_HIGH * MILD
     run = healthy_run(12)
-    set_layer(run, "features.4", "update_ratio", [mild] * PERSIST_LOGS)
+    set_layer(run, "features.4", "update_ratio", [RATIO_MILD] * PERSIST_LOGS)
     assert [s for s, c in alert_changes(run) if c.kind == "opened"] == [run[-1].step]
 
     every = 10
     logs = PERSIST_STEPS // every + 1  # the logs that first span PERSIST_STEPS steps
     assert logs > PERSIST_LOGS
     run = healthy_run(logs + 5, every=every)
-    set_layer(run, "features.4", "update_ratio", [mild] * logs)
+    set_layer(run, "features.4", "update_ratio", [RATIO_MILD] * logs)
     changes = [(s, c.code) for s, c in alert_changes(run) if c.kind == "opened"]
     assert changes == [(run[-1].step, "update_ratio_high")]
     assert run[-1].step - run[-logs].step == PERSIST_STEPS
@@ -335,6 +371,10 @@ def test_the_first_steps_of_a_healthy_run_are_silent() -> None:
     run = healthy_run(12, every=5)
     set_layer(run, "features.4", "update_ratio", [0.013, 0.009, *[1e-3] * 9])
     set_layer(run, "features.0", "update_ratio", [0.013, 0.012, 0.011, 0.0095, *[1e-3] * 7])
+    # the highest peak measured on a healthy run (RMSprop, Adam at lr 1e-3..3e-3, SGD+Nesterov
+    # at lr 0.02): 0.02-0.035 within the first 50 steps
+    set_layer(run, "classifier.1", "update_ratio",
+              [0.02, 0.035, 0.03, 0.025, 0.02, 0.015, 0.012, *[1e-3] * 4])
     assert alert_changes(run) == []
     broken = healthy_run(12, every=5)
     set_layer(broken, "features.4", "update_ratio", [0.17, 0.06, 0.03, *[0.02] * 8])
@@ -354,19 +394,15 @@ def test_update_ratio_low_ignores_layers_without_gradient() -> None:
 
 # --- activation std (seeds 000/001) --------------------------------------------------------
 
-STD_LOW = ACTIVATION_STD_LOW / ACTIVATION_STD_FACTOR  # 0.25
-STD_HIGH = ACTIVATION_STD_HIGH * ACTIVATION_STD_FACTOR  # 4.0
-
-
 def test_activation_std_low_fires() -> None:
     run = healthy_run(10)
-    set_layer(run, "features.4", "act_std", [0.1, 0.12, 0.1, 0.09, 0.1])
+    set_layer(run, "features.4", "act_std", [0.05, 0.06, 0.05, 0.04, 0.05])
     finding = only(run, "activation_std_low")  # far out: opened at the third log
     assert (finding.level, finding.layer, finding.fix) == ("warning", "features.4", None)
     assert "layer features.4" in finding.message
-    assert "activation std 0.1, below 0.25 at each of the last 3 logs" in finding.message
+    assert "activation std 0.05, below 0.25 at each of the last 3 logs" in finding.message
     assert "initialisation" in finding.recommendation
-    assert (finding.value, finding.higher_is_worse) == (0.1, False)
+    assert (finding.value, finding.higher_is_worse) == (0.05, False)
 
 
 def test_activation_std_high_fires() -> None:
@@ -379,16 +415,27 @@ def test_activation_std_high_fires() -> None:
     assert "normalise" in finding.recommendation
 
 
-def test_activation_std_limits_are_the_band_times_the_factor() -> None:
-    for value, code in [(0.99 * STD_LOW, "activation_std_low"),
-                        (1.01 * STD_HIGH, "activation_std_high")]:
+@pytest.mark.parametrize(("limit", "code", "out"), [
+    (STD_LOW, "activation_std_low", -1.0), (STD_HIGH, "activation_std_high", 1.0)])
+def test_activation_std_limits_are_the_band_times_the_factor(limit: float, code: str,
+                                                             out: float) -> None:
+    """A log is out beyond the band times ACTIVATION_STD_FACTOR; a long stretch out fires
+    when its median is ACTIVATION_STD_MILD further out, a short one when FAR_DECADES out."""
+    mild = limit * (ACTIVATION_STD_MILD * 1.2) ** out  # its median: never far
+    for first, fires in [(limit * 1.01**out, True), (limit / 1.01**out, False)]:
+        run = healthy_run(10)  # the stretch is PERSIST_LOGS long only if `first` is out
+        set_layer(run, "features.4", "act_std", [first] + [mild] * (PERSIST_LOGS - 1))
+        assert [f.code for f in opened(run)] == ([code] if fires else []), first
+    for typical, fires in [(limit * (ACTIVATION_STD_MILD * 1.01) ** out, True),
+                           (limit * (ACTIVATION_STD_MILD / 1.01) ** out, False)]:
         run = healthy_run(10)
-        set_layer(run, "features.4", "act_std", [value] * PERSIST_LOGS)
-        assert only(run, code).layer == "features.4"
-    for value in (1.01 * STD_LOW, 0.99 * STD_HIGH):
+        set_layer(run, "features.4", "act_std", [typical] * 9)
+        assert [f.code for f in opened(run)] == ([code] if fires else []), typical
+    for typical, fires in [(limit * 10 ** (1.01 * FAR_DECADES * out), True),
+                           (limit * 10 ** (FAR_DECADES * out / 1.01), False)]:
         run = healthy_run(10)
-        set_layer(run, "features.4", "act_std", [value] * 9)
-        assert alert_changes(run) == []
+        set_layer(run, "features.4", "act_std", [typical] * MIN_PERSIST_LOGS)
+        assert [f.code for f in opened(run)] == ([code] if fires else []), typical
 
 
 def test_activation_std_of_a_real_default_run_is_silent() -> None:
@@ -405,8 +452,8 @@ def test_activation_std_of_a_real_default_run_is_silent() -> None:
     [
         ("features.4", [0.01]),  # one odd probe batch
         ("features.4", [0.01, 0.01]),  # two, however far out
-        ("features.4", [STD_LOW / MILD] * (PERSIST_LOGS - 1)),  # mildly out, not long enough
-        ("features.4", [0.1, 0.1, 0.8, 0.1, 0.1]),  # one healthy log breaks the run
+        ("features.4", [STD_MILD] * (PERSIST_LOGS - 1)),  # mildly out, not long enough
+        ("features.4", [STD_FAR, STD_FAR, 0.8, STD_FAR, STD_FAR]),  # a healthy log breaks it
         ("features.4", [0.1, 10.0, 0.1, 10.0, 0.1]),  # both sides, neither persistent
         (LOGITS, [0.05] * 9),  # logits: no nonlinearity, any spread is fine
     ],
@@ -419,19 +466,52 @@ def test_activation_std_not_persistent_is_silent(name: str, stds: list[float]) -
 
 def test_activation_std_mildly_out_fires_after_persist_logs() -> None:
     run = healthy_run(10)
-    set_layer(run, "features.4", "act_std", [STD_LOW / MILD] * PERSIST_LOGS)
+    set_layer(run, "features.4", "act_std", [STD_MILD] * PERSIST_LOGS)
     steps = [s for s, c in alert_changes(run) if c.kind == "opened"]
     assert steps == [run[-1].step]
 
 
 def test_activation_std_ignores_the_step_0_record() -> None:
-    """At step 0 eval-mode BatchNorm still has its initial running statistics."""
+    """At step 0 eval-mode BatchNorm still has its initial running statistics (and step 0
+    is within the warm-up, below)."""
     run = healthy_run(MIN_PERSIST_LOGS)  # step 0 and MIN_PERSIST_LOGS - 1 trained logs
     set_layer(run, "features.4", "act_std", [0.01] * MIN_PERSIST_LOGS)
     assert alert_changes(run) == []
     run = healthy_run(MIN_PERSIST_LOGS + 1)
     set_layer(run, "features.4", "act_std", [0.01] * (MIN_PERSIST_LOGS + 1))
     assert only(run, "activation_std_low").layer == "features.4"
+
+
+def bad_between(run: list[StepRecord], start: int, stop: int, bad: float,
+                good: float) -> list[float]:
+    """For each trained record of `run`: `bad` at steps start..stop-1, else `good`."""
+    return [bad if start <= r.step < stop else good for r in run[1:]]
+
+
+@pytest.mark.parametrize(("field", "bad", "good", "code"), [
+    ("act_std", 0.01, 1.0, "activation_std_low"), ("dead_fraction", 1.0, 0.1, "dead_relu")])
+def test_activations_and_dead_units_are_not_judged_in_the_warm_up(
+        field: str, bad: float, good: float, code: str) -> None:
+    """A deep net's activations may start far too small and grow within its first steps
+    (AlexNet on digits, default init: std 0.01-0.08 at steps 10-26, healthy by step 40):
+    before WARMUP_STEPS nothing is judged; from it, the same is far out at once."""
+    every = 10
+    early = WARMUP_STEPS // every - 1  # the trained logs before the warm-up ends: 10-40
+    assert early >= MIN_PERSIST_LOGS
+    run = healthy_run(12, every=every)
+    set_layer(run, "features.4", field, bad_between(run, every, WARMUP_STEPS, bad, good))
+    assert alert_changes(run) == []
+    # the same stretch, from the warm-up's end: far out at its third log
+    late = WARMUP_STEPS + early * every
+    set_layer(run, "features.4", field, bad_between(run, WARMUP_STEPS, late, bad, good))
+    assert [(s, c.code) for s, c in alert_changes(run) if c.kind == "opened"] == [
+        (WARMUP_STEPS + (MIN_PERSIST_LOGS - 1) * every, code)]
+    # a stretch through the warm-up counts from its end
+    for stop, fires in [(WARMUP_STEPS + (MIN_PERSIST_LOGS - 1) * every, False),
+                        (WARMUP_STEPS + MIN_PERSIST_LOGS * every, True)]:
+        set_layer(run, "features.4", field, bad_between(run, every, stop, bad, good))
+        assert [c.code for _, c in alert_changes(run) if c.kind == "opened"] == (
+            [code] if fires else []), stop
 
 
 # --- dead ReLUs (seed 003) -----------------------------------------------------------------
@@ -449,7 +529,7 @@ def test_dead_relu_fires_with_lr_fix() -> None:
 
 
 def test_dead_relu_mostly_dead_needs_persist_logs() -> None:
-    mostly = (DEAD_RELU_FRACTION + diagnostics.DEAD_FAR_FRACTION) / 2  # 0.7: not "nearly all"
+    mostly = (DEAD_RELU_FRACTION + DEAD_FAR_FRACTION) / 2  # 0.75: not "nearly all"
     run = healthy_run(10)
     set_layer(run, "classifier.1", "dead_fraction", [mostly] * (PERSIST_LOGS - 1))
     assert alert_changes(run) == []
@@ -464,6 +544,7 @@ def test_dead_relu_mostly_dead_needs_persist_logs() -> None:
         ("classifier.1", [1.0, 1.0]),  # two logs
         ("classifier.1", [0.9, 0.1, 0.9, 0.1]),  # flickering
         ("classifier.1", [0.5] * 9),  # half is not most
+        ("classifier.1", [DEAD_RELU_FRACTION] * 9),  # nor is the threshold (healthy: 0.53)
         (LOGITS, [1.0] * 9),  # no ReLU after the logits
     ],
 )
@@ -475,7 +556,8 @@ def test_dead_relu_not_persistent_is_silent(name: str, fractions: list[float]) -
 
 # --- loss rising (seeds 000/001) -----------------------------------------------------------
 
-PLATEAU = [0.50] * 16  # a reference window: up to 16 logs before the recent ones
+PLATEAU = [0.50] * 16  # a reference window before the recent logs
+assert len(PLATEAU) >= RISING_REFERENCE_MIN_LOGS + max(RISING_RECENT_LOGS) // 2
 
 
 def loss_run(train: Sequence[float], train_se: float | None = 0.01, **columns: list) -> list:
@@ -509,7 +591,8 @@ def test_loss_rising_catches_a_single_jump_and_keeps_its_worst() -> None:
 @pytest.mark.parametrize(
     ("losses", "errors"),
     [
-        ([0.50, 0.90, 0.50, 0.50], [0.01, 0.2, 0.01, 0.01]),  # one noisy log that says so
+        # one noisy log that says so, within BLOWN_UP_SPREAD of the noise before it
+        ([0.50, 0.90, 0.50, 0.50], [0.01, 0.01 * BLOWN_UP_SPREAD / 1.1, 0.01, 0.01]),
         ([0.50, 0.53, 0.49, 0.54, 0.50, 0.52], [0.02] * 6),  # noisy plateau
         ([0.505, 0.51, 0.515, 0.52, 0.525, 0.53], [0.01] * 6),  # creeping up: below 10 %
     ],
@@ -518,6 +601,45 @@ def test_loss_rising_ignores_noise(losses: list[float], errors: list[float]) -> 
     run = loss_run([*PLATEAU, *losses])
     set_records(run, train_loss_se=[0.01] * 16 + errors)
     assert opened(run, "loss_rising") == []
+
+
+def test_a_log_that_blew_up_within_itself_is_judged_by_the_noise_before_it() -> None:
+    """Measured: the loss went from 0.7 to 975 within one 5-step interval, whose per-step
+    losses then spread by the rise itself (se 841). A log more than BLOWN_UP_SPREAD times
+    noisier than the logs before it is judged by their noise: the rise shows at once. Within
+    that spread a noisy log is judged by its own se (test_loss_rising_ignores_noise)."""
+    se_before, se_blown = 0.05, 841.0
+    assert se_blown > BLOWN_UP_SPREAD * se_before
+    rng = random.Random(5)
+    before = [1.0 + se_before * rng.gauss(0, 1) for _ in range(16)]
+    run = loss_run([*before, 975.0], train_se=se_before)
+    set_records(run, train_loss_se=[se_blown])
+    [(step, change)] = [(s, c) for s, c in alert_changes(run) if c.kind == "opened"]
+    assert (step, change.code) == (run[-1].step, "loss_rising")
+    assert "mean of the last 2 logs" in change.episode.finding.message
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BLOWN_UP_SPREAD compares standard errors, not per-step spreads: a 2-step interval's se "
+    "is sqrt(50 / 2) = 5x a 50-step one's on the same per-step noise, so about half the time "
+    "it counts as blown up and is judged by the 50-step noise; measured on 2000 seeds: a "
+    "flat loss fires at 5.5 % of 2-step epoch ends (per-step sd 0.3; 2 % at 0.15), 1.7 % of "
+    "3-step ones"))
+def test_a_short_epoch_end_interval_is_no_rise() -> None:
+    """An epoch's last interval may be a few steps long (its log comes at an odd step): its
+    mean is as noisy as its se says, with no rise behind it."""
+    fires, seeds = 0, 200
+    for seed in range(seeds):
+        rng = random.Random(seed)
+        steps = [*range(EVERY, 21 * EVERY, EVERY), 20 * EVERY + 2]  # 20 intervals of 50, one of 2
+        records = []
+        for start, stop in pairwise([0, *steps]):
+            losses = [1.0 + 0.3 * rng.gauss(0, 1) for _ in range(stop - start)]
+            se = statistics.stdev(losses) / math.sqrt(len(losses))
+            records.append(StepRecord(stop, statistics.fmean(losses), None, LR, "Adam", 0.0, 50,
+                                      (), se))
+        fires += bool(diagnostics.rule_loss_rising(records, 10))
+    assert fires <= allowed_false_alarms(seeds)
 
 
 @pytest.mark.xfail(strict=True, reason="without a measured se, a one-log spike (+80 %, "
@@ -542,7 +664,8 @@ def test_loss_rising_after_more_regularisation_is_silent(change: dict[str, list[
 
 # --- loss flat / slow (seeds 000/001) ------------------------------------------------------
 
-FLAT = [1.500, 1.503, 1.497, 1.501, 1.499, 1.502, 1.498, 1.500, 1.502, 1.498, 1.501, 1.499]
+WOBBLE = (1.500, 1.503, 1.497, 1.501, 1.499, 1.502, 1.498, 1.500, 1.502, 1.498, 1.501, 1.499)
+FLAT = [WOBBLE[i % len(WOBBLE)] for i in range(FLAT_LOGS)]  # +-0.2 % around 1.5
 
 
 def test_flat_window_is_flat_logs_spanning_flat_steps() -> None:
@@ -555,7 +678,8 @@ def test_loss_flat_fires_with_lr_fix() -> None:
     run = loss_run(FLAT, train_se=None)
     finding = only(run, "loss_flat")
     assert (finding.level, finding.layer) == ("warning", None)
-    assert "stayed near 1.5 over the last 12 logs (steps 50-600" in finding.message
+    assert (f"stayed near 1.5 over the last {FLAT_LOGS} logs (steps {EVERY}-{FLAT_LOGS * EVERY}"
+            in finding.message)
     assert finding.fix == {"learning_rate": 0.003}
     assert not finding.higher_is_worse  # the smaller the fall, the worse
 
@@ -576,8 +700,10 @@ def test_loss_flat_floor_scales_with_classes() -> None:
 
 
 def test_loss_flat_after_a_collapse_is_left_to_dead_relu() -> None:
-    """Adam at lr 0.1 on the small CNN: the loss sat at ln 10, gradients 0, layers all dead."""
-    n = 14
+    """Adam at lr 0.1 on the small CNN: the loss sat at ln 10, gradients 0, layers all dead.
+    Without the dead layer the same loss is flat."""
+    n = FLAT_LOGS + 2
+    assert [f.code for f in opened(loss_run([2.31] * n, train_se=None))] == ["loss_flat"]
     run = loss_run([2.31] * n, train_se=None)
     set_layer(run, "classifier.1", "dead_fraction", [1.0] * n)
     set_layer(run, "features.4", "update_ratio", [1e-6, 1e-8, 1e-10, 1e-12] + [1e-13] * (n - 4))
@@ -586,51 +712,120 @@ def test_loss_flat_after_a_collapse_is_left_to_dead_relu() -> None:
 
 
 def test_loss_flat_after_a_setback_is_silent() -> None:
-    run = loss_run([0.5] * 10 + [2.3] * 14, train_se=None)
+    run = loss_run([0.5] * 10 + [2.3] * (FLAT_LOGS + 4), train_se=None)  # flat at 2.3
     assert opened(run, "loss_flat") == []
     assert len(opened(run, "loss_rising")) == 1
 
 
 def test_loss_falling_2_percent_a_log_is_silent() -> None:
-    run = loss_run([1.5 * 0.98**i for i in range(20)], train_se=None)
+    run = loss_run([1.5 * 0.98**i for i in range(2 * FLAT_LOGS)], train_se=None)
     assert alert_changes(run) == []
 
 
 # --- exploding gradients (seed 003) --------------------------------------------------------
 
 STEADY = [0.7, 1.3, 0.8, 1.2, 1.0, 0.7, 1.3, 0.9, 1.1, 1.0]  # median 1.0, +-30 %
+assert len(STEADY) == GRADIENT_BASELINE_LOGS
+MOST = NAMES[:3]  # an explosion reaches most of the network
+HALF = ("features.4", "classifier.1")
+
+
+def spike_in(run: list[StepRecord], spiking: Sequence[str], value: float,
+             baseline: Sequence[float] = STEADY) -> None:
+    """Every layer's gradient norms on the last logs: `baseline`, then `value` in the layers
+    `spiking` and the baseline's median in the others."""
+    for name in NAMES:
+        last = value if name in spiking else statistics.median(baseline)
+        set_layer(run, name, "grad_norm", [*baseline, last])
 
 
 def test_exploding_gradients_fires_with_lr_fix() -> None:
     run = healthy_run(12)
-    set_layer(run, "features.4", "grad_norm", [*STEADY, 20.0])
-    finding = only(run, "exploding_gradients")
-    assert (finding.level, finding.layer) == ("warning", "features.4")
+    spike_in(run, HALF, 20.0)
+    findings = opened(run)
+    assert [(f.code, f.layer) for f in findings] == [
+        ("exploding_gradients", "features.4"), ("exploding_gradients", "classifier.1")]
+    finding = findings[0]
+    assert finding.level == "warning"
     assert "layer features.4" in finding.message
     assert "gradient norm 20 is 20x its median 1 " in finding.message
     assert finding.fix == {"learning_rate": 3e-05}
     assert "clipping" in finding.recommendation
 
 
+@pytest.mark.parametrize("spiking", range(1, len(NAMES) + 1))
+def test_exploding_gradients_needs_half_the_layers(spiking: int) -> None:
+    """A small batch's gradients are heavy-tailed: one layer alone 20x its median is an
+    odd batch (a healthy tiny CNN at batch 16: 12x, measured); in at least half the layers
+    at the same log it is an explosion."""
+    run = healthy_run(12)
+    spike_in(run, NAMES[:spiking], 20.0)
+    fires = 2 * spiking >= len(NAMES)
+    assert [f.layer for f in opened(run)] == (list(NAMES[:spiking]) if fires else [])
+
+
 def test_exploding_gradients_threshold_is_10x() -> None:
     below, above = healthy_run(12), healthy_run(12)
-    set_layer(below, "features.4", "grad_norm", [*STEADY, 9.9])
-    set_layer(above, "features.4", "grad_norm", [*STEADY, 10.1])
+    spike_in(below, MOST, GRADIENT_SPIKE_FACTOR / 1.01)
+    spike_in(above, MOST, GRADIENT_SPIKE_FACTOR * 1.01)
     assert alert_changes(below) == []
-    assert only(above, "exploding_gradients").layer == "features.4"
+    assert [f.layer for f in opened(above, "exploding_gradients")] == list(MOST)
+
+
+def test_exploding_gradients_threshold_grows_with_the_spread() -> None:
+    """Against a baseline whose log10 norms spread widely, a spike must also stand
+    GRADIENT_SPIKE_Z robust standard deviations above their median: here more than 10x."""
+    wide = [10 ** (0.2 * (-1) ** i) for i in range(GRADIENT_BASELINE_LOGS)]  # 0.63 and 1.6
+    logs = [math.log10(g) for g in wide]
+    centre = statistics.median(logs)
+    spread = evidence.MAD_TO_STD * statistics.median(abs(v - centre) for v in logs)
+    decades = GRADIENT_SPIKE_Z * spread
+    assert decades > math.log10(GRADIENT_SPIKE_FACTOR)  # 1.48 decades: 30x
+    for value, fires in [(10 ** (centre + decades / 1.01), False),
+                         (10 ** (centre + decades * 1.01), True)]:
+        run = healthy_run(12)
+        spike_in(run, MOST, value, wide)
+        assert len(opened(run, "exploding_gradients")) == (len(MOST) if fires else 0), value
+
+
+@pytest.mark.parametrize("shared", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
+        "5 robust stds of only 10 logs is no 5-sigma test: the MAD of 10 values is often "
+        "half the true spread. Each layer's norm beyond it at 0.4 % of logs (sigma 0.7; "
+        "0.3 % at 0.47, the ResNet-18 measurement's); needing half the layers brings "
+        "independent layers to 1.5e-4 per log, but not a spread they share: 0.43 % of "
+        "logs, measured over 1e5")))])
+def test_healthy_heavy_tailed_gradients_never_fire(shared: bool) -> None:
+    """Gradient norms of small batches are heavy-tailed (a healthy ResNet-18 at batch 32
+    spans 40x in 14 logs): log-normal, log10 norms with sd 0.7 (a factor 5), each layer on
+    its own (shared: the same factor in every layer, as one hard batch would give). No alert
+    at all over 4 runs of 150 logs."""
+    for seed in range(4):
+        rng = random.Random(seed)
+        run = healthy_run(150, seed)
+        shared_draws = [rng.gauss(0, 0.7) for _ in run[1:]]
+        for name in NAMES:
+            draws = shared_draws if shared else [rng.gauss(0, 0.7) for _ in run[1:]]
+            set_layer(run, name, "grad_norm", [GRAD_SCALE[name] * 10**d for d in draws])
+        assert alert_changes(run) == [], seed
 
 
 def test_exploding_gradients_needs_5_previous_logs() -> None:
-    four, five = healthy_run(6), healthy_run(7)
-    set_layer(four, "features.4", "grad_norm", [1.0] * 4 + [50.0])
-    set_layer(five, "features.4", "grad_norm", [1.0] * 5 + [50.0])
-    assert alert_changes(four) == []
-    assert only(five, "exploding_gradients").layer == "features.4"
+    few, enough = (healthy_run(n + 2) for n in (GRADIENT_BASELINE_MIN_LOGS - 1,
+                                                 GRADIENT_BASELINE_MIN_LOGS))
+    for run, n in [(few, GRADIENT_BASELINE_MIN_LOGS - 1), (enough, GRADIENT_BASELINE_MIN_LOGS)]:
+        spike_in(run, MOST, 50.0, [1.0] * n)
+    assert alert_changes(few) == []
+    assert [f.layer for f in opened(enough, "exploding_gradients")] == list(MOST)
 
 
 def test_exploding_gradients_ignores_a_layer_without_gradient() -> None:
-    run = healthy_run(12)  # a frozen layer unfrozen: from 0 to anything is no spike
+    """A frozen layer unfrozen: from 0 to anything is no spike, so one other layer spiking is
+    one of three judged, not two of four."""
+    run = healthy_run(12)
     set_layer(run, "features.0", "grad_norm", [0.0] * 10 + [1.0])
+    set_layer(run, "features.4", "grad_norm", [*STEADY, 20.0])
     assert alert_changes(run) == []
 
 
@@ -693,7 +888,7 @@ def test_overfitting_skips_logs_without_validation() -> None:
     ("train", "val"),
     [
         (TRAIN_FALLING, [0.30, 0.31, 0.29, 0.30, 0.31, 0.30] * 4),  # noisy flat validation
-        (TRAIN_FALLING, [0.30] * 20 + [0.50, 0.30, 0.30, 0.30]),  # one outlier: +8 % of 8 logs
+        (TRAIN_FALLING, [0.30] * 20 + [0.50, 0.30, 0.30, 0.30]),  # one outlier: +5.6 % of 12
         (TRAIN_FALLING[::-1], VAL_RISING),  # both rising: not overfitting
     ],
 )
@@ -769,7 +964,7 @@ def test_a_gradient_not_measured_is_not_non_finite() -> None:
 
 def test_a_persisting_condition_is_one_alert_and_a_new_one_after_it_resolves() -> None:
     run = healthy_run(20)
-    high, ok = 0.05, 1e-3
+    high, ok = RATIO_FAR, 1e-3
     # logs 1-19: in band x2, high x6, in band x3, high x4, in band x4
     set_layer(
         run, "features.4", "update_ratio", [ok] * 2 + [high] * 6 + [ok] * 3 + [high] * 4 + [ok] * 4
@@ -793,15 +988,15 @@ def test_a_persisting_condition_is_one_alert_and_a_new_one_after_it_resolves() -
 
 def test_conditions_on_different_layers_are_reported_separately() -> None:
     run = healthy_run(10)
-    set_layer(run, "features.4", "update_ratio", [0.05] * 5)
-    set_layer(run, "features.0", "update_ratio", [0.05] * 3)
+    set_layer(run, "features.4", "update_ratio", [RATIO_FAR] * 5)
+    set_layer(run, "features.0", "update_ratio", [RATIO_FAR] * 3)
     reported = [(step, c.layer) for step, c in alert_changes(run) if c.kind == "opened"]
     assert reported == [(7 * EVERY, "features.4"), (9 * EVERY, "features.0")]
 
 
 def test_a_rollback_forgets_the_abandoned_branch() -> None:
     run = healthy_run(11)
-    set_layer(run, "features.4", "update_ratio", [0.05] * 7)  # high from step 200
+    set_layer(run, "features.4", "update_ratio", [RATIO_FAR] * 7)  # high from step 200
     doctor = Diagnostician(10)
     reported = [(s, c.kind, c.code) for s, c in alert_changes(run, doctor=doctor)
                 if c.kind != "held"]
@@ -835,7 +1030,7 @@ def test_no_fix_leads_back_to_an_lr_that_blew_up() -> None:
     doctor.note_blow_up(1.0)
     run = healthy_run(10)
     set_records(run, learning_rate=[0.1] * 9)
-    set_layer(run, "features.4", "update_ratio", [1e-5, 1e-5, 1e-5])
+    set_layer(run, "features.4", "update_ratio", [1e-5, RATIO_FAR_LOW, 1e-5])
     [finding] = [c.episode.finding for _, c in alert_changes(run, doctor=doctor)
                  if c.kind == "opened"]
     assert finding.fix == {"learning_rate": 0.3}
@@ -848,7 +1043,7 @@ def test_a_non_finite_log_sets_the_ceiling_itself() -> None:
     run = healthy_run(14)
     set_records(run, learning_rate=[1.0] + [0.1] * 9)
     set_records(run, train_loss=[math.inf] + [1.0] * 9)  # blew up at lr 1, went on at 0.1
-    set_layer(run, "features.4", "update_ratio", [1e-5, 1e-5, 1e-5])
+    set_layer(run, "features.4", "update_ratio", [1e-5, RATIO_FAR_LOW, 1e-5])
     [finding] = opened(run, "update_ratio_low")
     assert finding.fix == {"learning_rate": 0.3}
 

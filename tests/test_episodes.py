@@ -14,7 +14,14 @@ import random
 import pytest
 
 from livetrain.trainer.diagnostician import Diagnostician
-from livetrain.trainer.diagnostics import MIN_PERSIST_LOGS, Finding, LayerRecord, StepRecord
+from livetrain.trainer.diagnostics import (
+    MIN_PERSIST_LOGS,
+    UPDATE_RATIO_FAR,
+    UPDATE_RATIO_HIGH,
+    Finding,
+    LayerRecord,
+    StepRecord,
+)
 from livetrain.trainer.episodes import RESOLVE_AFTER_LOGS, AlertChange, EpisodeBook
 
 EVERY = 50
@@ -160,10 +167,11 @@ def record(step: int, ratio: float) -> StepRecord:
 
 def test_the_diagnostician_keeps_a_long_condition_in_one_episode() -> None:
     """Update ratios too high for 100 logs, then back in the band: one alert, opened at the
-    log the rule first holds (MIN_PERSIST_LOGS: far out), resolved after RESOLVE_AFTER_LOGS
-    healthy logs, with the worst ratio seen."""
+    log the rule first holds (MIN_PERSIST_LOGS: far out, UPDATE_RATIO_FAR beyond the limit),
+    resolved after RESOLVE_AFTER_LOGS healthy logs, with the worst ratio seen."""
     rng = random.Random(1)
-    ratios = [10 ** rng.uniform(-1.5, -1.0) for _ in range(100)]
+    far = math.log10(UPDATE_RATIO_HIGH * UPDATE_RATIO_FAR)  # 0.1 to 0.32
+    ratios = [10 ** rng.uniform(far, far + 0.5) for _ in range(100)]
     doctor = Diagnostician(10)
     changes = [(i * EVERY, c) for i, r in enumerate(ratios + [1e-3] * RESOLVE_AFTER_LOGS, 1)
                for c in doctor.observe(record(i * EVERY, r))]
