@@ -54,6 +54,7 @@ from livetrain.trainer.diagnostics import (
     UPDATE_RATIO_HIGH,
     UPDATE_RATIO_LOW,
     UPDATE_RATIO_MILD,
+    UPDATE_RATIO_PEAK,
     WARMUP_STEPS,
     Finding,
     LayerRecord,
@@ -237,9 +238,10 @@ def test_initial_loss_only_judges_the_step_0_record() -> None:
 # Each per-layer rule has two ways to persist: far out for MIN_PERSIST_LOGS logs, or mildly
 # out for PERSIST_LOGS logs spanning PERSIST_STEPS steps. These values sit 1.2x inside or
 # beyond each rule's boundaries, so they test the definitions, not the floating point.
-RATIO_MILD = UPDATE_RATIO_HIGH * UPDATE_RATIO_MILD * 1.2  # 0.024: mildly out, never far
-RATIO_FAR = UPDATE_RATIO_HIGH * UPDATE_RATIO_FAR * 1.2  # 0.12: far out at one log
-RATIO_FAR_LOW = UPDATE_RATIO_LOW / (UPDATE_RATIO_FAR * 1.2)  # 8.3e-06: far out below
+RATIO_MILD = UPDATE_RATIO_HIGH * UPDATE_RATIO_MILD * 1.2  # 0.036: mildly out, never far
+RATIO_FAR = UPDATE_RATIO_HIGH * UPDATE_RATIO_PEAK * 1.2  # 0.18: far out (a peak, and well out)
+RATIO_OUT = UPDATE_RATIO_HIGH * UPDATE_RATIO_FAR * 1.2  # 0.048: still well out after a peak
+RATIO_FAR_LOW = UPDATE_RATIO_LOW / (UPDATE_RATIO_PEAK * 1.2)  # 5.6e-06: far out below
 STD_LOW = ACTIVATION_STD_LOW / ACTIVATION_STD_FACTOR  # 0.25
 STD_HIGH = ACTIVATION_STD_HIGH * ACTIVATION_STD_FACTOR  # 4.0
 STD_MILD = STD_LOW / (ACTIVATION_STD_MILD * 1.2)  # 0.14: mildly out, never far
@@ -251,7 +253,7 @@ def test_persistence_constants_make_sense() -> None:
     default spacing span PERSIST_STEPS steps, all of them after the warm-up."""
     assert MIN_PERSIST_LOGS < PERSIST_LOGS
     assert (PERSIST_LOGS - 1) * EVERY >= PERSIST_STEPS
-    assert RATIO_MILD < UPDATE_RATIO_HIGH * UPDATE_RATIO_FAR
+    assert RATIO_MILD < UPDATE_RATIO_HIGH * UPDATE_RATIO_PEAK
     assert math.log10(STD_LOW / STD_MILD) < FAR_DECADES <= math.log10(STD_LOW / STD_FAR)
     assert EVERY >= WARMUP_STEPS  # the first trained log is judged by every rule
 
@@ -261,42 +263,52 @@ def test_persistence_constants_make_sense() -> None:
 
 def test_update_ratio_high_fires_with_lr_fix() -> None:
     run = healthy_run(10)
-    set_layer(run, "features.4", "update_ratio", [0.030, RATIO_FAR, 0.035])  # far at one log
+    # the shape of Adam at lr 0.05: a peak no healthy step reaches, then still well out
+    set_layer(run, "features.4", "update_ratio", [RATIO_FAR, 0.06, 0.05])
     finding = only(run, "update_ratio_high")
     assert (finding.level, finding.layer) == ("warning", "features.4")
     assert "layer features.4" in finding.message
-    assert "10^-1.5" in finding.message  # the latest ratio, 0.035
-    assert "0.035" in finding.message
+    assert "10^-1.3" in finding.message  # the latest ratio, 0.05
+    assert "0.05" in finding.message
     assert "last 3 logs (steps 350-450)" in finding.message
-    # 3e-4 * 1e-3 / 0.035 (median) = 8.6e-06, one significant digit
-    assert finding.fix == {"learning_rate": 9e-06}
-    assert "9e-06" in finding.recommendation
+    # 3e-4 * 1e-3 / 0.06 (median) = 5e-06, one significant digit
+    assert finding.fix == {"learning_rate": 5e-06}
+    assert "5e-06" in finding.recommendation
     assert (finding.measure, finding.value, finding.higher_is_worse) == (
-        "update:parameter ratio", 0.035, True)
+        "update:parameter ratio", 0.05, True)
 
 
 @pytest.mark.parametrize("side", ["high", "low"])
-def test_update_ratio_far_out_is_10x_beyond_a_limit_at_one_log(side: str) -> None:
-    """Healthy runs peak at 3.5x the upper limit (0.035, measured) in their first logs:
-    MIN_PERSIST_LOGS logs there are silent; one of them UPDATE_RATIO_FAR beyond fires."""
+def test_update_ratio_far_out_peaks_and_stays_well_out(side: str) -> None:
+    """Healthy runs reach 5.3x the upper limit for a few logs (RMSprop at lr 1e-3) and 11x
+    for one odd step (measured): silent. Far out is a peak UPDATE_RATIO_PEAK beyond with the
+    last MIN_PERSIST_LOGS logs' median UPDATE_RATIO_FAR beyond."""
     limit, out = (UPDATE_RATIO_HIGH, 1.0) if side == "high" else (UPDATE_RATIO_LOW, -1.0)
-    near = limit * 3.5**out
-    for middle, fires in [(near, False),
-                          (limit * (UPDATE_RATIO_FAR / 1.01) ** out, False),
-                          (limit * (UPDATE_RATIO_FAR * 1.01) ** out, True)]:
+
+    def times(factor: float) -> float:
+        return limit * factor**out
+
+    well = times(UPDATE_RATIO_FAR * 1.01)
+    for ratios, fires in [([times(5.3)] * 3, False),  # RMSprop's first logs
+                          ([times(1.3), times(11), times(1.3)], False),  # one odd step
+                          ([times(UPDATE_RATIO_PEAK / 1.01), well, well], False),
+                          ([times(UPDATE_RATIO_PEAK * 1.01), well, well], True),
+                          ([times(UPDATE_RATIO_PEAK * 1.01), well, times(2.0)], True),
+                          ([times(UPDATE_RATIO_PEAK * 1.01), times(UPDATE_RATIO_FAR / 1.01),
+                            times(2.0)], False)]:
         run = healthy_run(10)
-        set_layer(run, "features.4", "update_ratio", [near, middle, near])
+        set_layer(run, "features.4", "update_ratio", ratios)
         changes = [(s, c.code) for s, c in alert_changes(run) if c.kind == "opened"]
-        assert changes == ([(run[-1].step, f"update_ratio_{side}")] if fires else []), middle
+        assert changes == ([(run[-1].step, f"update_ratio_{side}")] if fires else []), ratios
 
 
 def test_update_ratio_low_fires_per_layer_with_a_shared_fix() -> None:
     run = healthy_run(10)
     set_layer(run, "features.0", "update_ratio", [2e-5, RATIO_FAR_LOW, 2e-5])
-    set_layer(run, "classifier.1", "update_ratio", [4e-5, RATIO_FAR_LOW, 4e-5])
+    set_layer(run, "classifier.1", "update_ratio", [2.4e-5, RATIO_FAR_LOW, 2.4e-5])
     findings = opened(run, "update_ratio_low")
     assert sorted(f.layer or "" for f in findings) == ["classifier.1", "features.0"]
-    # median of the layers' median ratios 3e-5: 3e-4 * 1e-3 / 3e-5 = 1e-02
+    # median of the layers' median ratios 2.2e-5: 3e-4 * 1e-3 / 2.2e-5 = 1e-02 (1 digit)
     assert all(f.fix == {"learning_rate": 0.01} for f in findings)
     by_layer = {f.layer: f for f in findings}
     assert "2e-05" in by_layer["features.0"].message
@@ -1188,8 +1200,11 @@ def fall_se(rel: float) -> float:
     return line.se * (steps[-1] - steps[0])
 
 
-# "Noisy": noise that could hide a FLAT_FALL fall in the window, by loss_flat's own criterion
-NOISY = tuple(r for r in NOISE_LEVELS if evidence.z_threshold() * fall_se(r) >= FLAT_FALL)
+# "Noisy": noise that clearly could hide a FLAT_FALL fall in the window, by loss_flat's own
+# criterion with half as much again to spare: near the boundary (2 % noise: 5.5 % against
+# 5 %), a series' own scatter may come out low enough to call a truly flat loss flat, which
+# is right, not a false alarm.
+NOISY = tuple(r for r in NOISE_LEVELS if evidence.z_threshold() * fall_se(r) >= 1.5 * FLAT_FALL)
 
 
 @pytest.mark.parametrize(("rel", "measured"), noise_cases({}, NOISY))

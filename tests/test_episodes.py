@@ -16,8 +16,8 @@ import pytest
 from livetrain.trainer.diagnostician import Diagnostician
 from livetrain.trainer.diagnostics import (
     MIN_PERSIST_LOGS,
-    UPDATE_RATIO_FAR,
     UPDATE_RATIO_HIGH,
+    UPDATE_RATIO_PEAK,
     Finding,
     LayerRecord,
     StepRecord,
@@ -167,10 +167,10 @@ def record(step: int, ratio: float) -> StepRecord:
 
 def test_the_diagnostician_keeps_a_long_condition_in_one_episode() -> None:
     """Update ratios too high for 100 logs, then back in the band: one alert, opened at the
-    log the rule first holds (MIN_PERSIST_LOGS: far out, UPDATE_RATIO_FAR beyond the limit),
+    log the rule first holds (MIN_PERSIST_LOGS: far out, UPDATE_RATIO_PEAK beyond the limit),
     resolved after RESOLVE_AFTER_LOGS healthy logs, with the worst ratio seen."""
     rng = random.Random(1)
-    far = math.log10(UPDATE_RATIO_HIGH * UPDATE_RATIO_FAR)  # 0.1 to 0.32
+    far = math.log10(UPDATE_RATIO_HIGH * UPDATE_RATIO_PEAK)  # 0.15 to 0.47
     ratios = [10 ** rng.uniform(far, far + 0.5) for _ in range(100)]
     doctor = Diagnostician(10)
     changes = [(i * EVERY, c) for i, r in enumerate(ratios + [1e-3] * RESOLVE_AFTER_LOGS, 1)

@@ -87,10 +87,14 @@ def test_noise_is_the_larger_of_the_se_and_the_scatter() -> None:
     values = gaussian(1, 30, 0.3)
     spread = scatter(values)
     assert spread is not None and 0.2 < spread < 0.4
-    told = noise(values, [0.1] * 10 + [1.0] * 10 + [None] * 10)
-    assert told is not None and told.sigmas == [spread] * 10 + [1.0] * 10 + [spread] * 10
-    # some values rest on the scatter alone: its degrees of freedom go with it
+    told = noise(values, [0.1] * 5 + [1.0] * 9 + [None] * 16)
+    # fewer than half have a standard error: those without one rest on the scatter alone,
+    # and its degrees of freedom go with it
+    assert told is not None and told.sigmas == [spread] * 5 + [1.0] * 9 + [spread] * 16
     assert told.dof == pytest.approx(MAD_EFFICIENCY * 29)
+    most = noise(values, [0.1] * 10 + [1.0] * 10 + [None] * 10)
+    # most have one: the others take the largest of theirs (an epoch's one-step interval)
+    assert most is not None and most.sigmas == [spread] * 10 + [1.0] * 20 and most.dof is None
     measured = noise(values, [0.1] * 30)
     assert measured is not None and measured.dof is None
 
@@ -106,8 +110,10 @@ def test_noise_takes_the_scatter_over_the_background() -> None:
 def test_noise_without_se_or_scatter_is_unknown() -> None:
     values = [1.0, 1.1, 0.9]  # too few logs for a scatter
     assert noise(values, [None, None, None]) is None
-    assert noise(values, [0.1, None, 0.1]) is None  # one value cannot be judged: none can
-    assert noise(values, [0.1, 0.2, math.nan]) is None  # not finite: not known
+    assert noise(values, [None, None, 0.1]) is None  # most cannot be judged: none can
+    filled = noise(values, [0.1, None, 0.1])  # one without, among most with: their largest
+    assert filled is not None and filled.sigmas == [0.1, 0.1, 0.1] and filled.dof is None
+    assert noise(values, [math.nan, 0.2, math.nan]) is None  # not finite: not known
     told = noise(values, [0.1, 0.2, 0.1])
     assert told is not None and told.sigmas == [0.1, 0.2, 0.1] and told.dof is None
 
