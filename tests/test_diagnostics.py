@@ -631,12 +631,6 @@ def test_a_log_that_blew_up_within_itself_is_judged_by_the_noise_before_it() -> 
     assert "mean of the last 2 logs" in change.episode.finding.message
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BLOWN_UP_SPREAD compares standard errors, not per-step spreads: a 2-step interval's se "
-    "is sqrt(50 / 2) = 5x a 50-step one's on the same per-step noise, so about half the time "
-    "it counts as blown up and is judged by the 50-step noise; measured on 2000 seeds: a "
-    "flat loss fires at 5.5 % of 2-step epoch ends (per-step sd 0.3; 2 % at 0.15), 1.7 % of "
-    "3-step ones"))
 def test_a_short_epoch_end_interval_is_no_rise() -> None:
     """An epoch's last interval may be a few steps long (its log comes at an odd step): its
     mean is as noisy as its se says, with no rise behind it."""

@@ -453,14 +453,17 @@ def _rise(values: Sequence[float], told: Noise,
         start = max(0, split - RISING_REFERENCE_LOGS)
         if split - start < RISING_REFERENCE_MIN_LOGS:
             return None
-        before = pooled(values[start:split], sigmas[start:split])
-        # A loss that blows up within an interval has a huge spread of its own, made by
-        # the very rise under test: such a log is judged by the noise the loss had before
-        # (per step, as a short interval's mean is noisier by nature).
+        # Each log's noise is at least what the earlier logs' typical noise per step gives
+        # for its length: a few steps' spread (an epoch's short last interval) says little.
+        # And a loss that blows up within an interval has a huge spread of its own, made
+        # by the very rise under test: such a log is judged by that typical noise alone.
         null = median(per_step[start:split])
-        after = pooled(values[split:], [
-            null / math.sqrt(n) if p > BLOWN_UP_SPREAD * null else s
-            for s, p, n in zip(sigmas[split:], per_step[split:], lengths[split:], strict=True)])
+        floors = [null / math.sqrt(n) for n in lengths]
+        judged = [max(s, f) for s, f in zip(sigmas, floors, strict=True)]
+        blown = [f if p > BLOWN_UP_SPREAD * null else s
+                 for s, f, p in zip(judged, floors, per_step, strict=True)]
+        before = pooled(values[start:split], judged[start:split])
+        after = pooled(values[split:], blown[split:])
         z = z_above(after, before)
         if z >= threshold and after.mean > before.mean * (1 + LOSS_RISING_FRACTION):
             return recent, before, after, z
@@ -473,9 +476,10 @@ def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     Fires when the mean training loss of the last 2, 4 or 12 logs (a jump is seen at once, a
     climb once it adds up) stands above the mean of the up to 24 logs before them (8 at
     least) by more than z_threshold() standard errors (one-sided, false-alarm rate
-    evidence.ALPHA per log, split over the three windows) and by at least 10 %. A recent
-    log whose noise per step is more than 5x the earlier logs' typical one is judged by the
-    latter, what the test assumes under "no rise": a loss that blows up within an
+    evidence.ALPHA per log, split over the three windows) and by at least 10 %. A log's
+    noise is at least the earlier logs' typical noise per step for its length (a spread of
+    2 steps, at an epoch's end, says little). A recent log whose noise per step is more
+    than 5x that typical one is judged by the latter, what the test assumes under "no rise": a loss that blows up within an
     interval (0.7 to 975 in 5 steps) spreads its per-step losses by the rise itself, which
     must not hide it. Silent when
     dropout or weight decay was raised inside the window: more regularisation raises the
