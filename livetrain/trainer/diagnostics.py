@@ -479,9 +479,9 @@ def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     evidence.ALPHA per log, split over the three windows) and by at least 10 %. A log's
     noise is at least the earlier logs' typical noise per step for its length (a spread of
     2 steps, at an epoch's end, says little). A recent log whose noise per step is more
-    than 5x that typical one is judged by the latter, what the test assumes under "no rise": a loss that blows up within an
-    interval (0.7 to 975 in 5 steps) spreads its per-step losses by the rise itself, which
-    must not hide it. Silent when
+    than 5x that typical one is judged by the latter, what the test assumes under "no
+    rise": a loss that blows up within an interval (0.7 to 975 in 5 steps) spreads its
+    per-step losses by the rise itself, which must not hide it. Silent when
     dropout or weight decay was raised inside the window: more regularisation raises the
     training loss by design (and is what the overfitting fix suggests).
     """
