@@ -17,7 +17,7 @@ from livetrain.trainer.diagnostics import (
     RULES,
     Finding,
     StepRecord,
-    _g,
+    sig,
 )
 from livetrain.trainer.episodes import AlertChange, EpisodeBook
 
@@ -49,7 +49,7 @@ class Diagnostician:
         if not isinstance(lr, float | int) or lr < self._ceiling:
             return finding
         safe = float(f"{self._ceiling * BLOW_UP_MARGIN:.1g}")
-        note = f" (not above {_g(safe)}: lr {_g(self._ceiling)} made this run blow up)"
+        note = f" (not above {sig(safe)}: lr {sig(self._ceiling)} made this run blow up)"
         fix = {**finding.fix, "learning_rate": safe} if safe != current_lr else None
         return replace(finding, fix=fix, recommendation=finding.recommendation + note)
 

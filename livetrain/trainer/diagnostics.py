@@ -163,7 +163,7 @@ class Finding:
 Rule = Callable[[Sequence[StepRecord], int], list[Finding]]
 
 
-def _g(x: float) -> str:
+def sig(x: float) -> str:
     """Three significant digits: 0.0323, 2.3, 1.2e-05."""
     return f"{x:.3g}"
 
@@ -195,8 +195,8 @@ def _lr_advice(
     """Recommendation and fix for lr * factor; no fix when that leaves the lr unchanged."""
     lr = _scaled_lr(record.learning_rate, factor)
     if lr == record.learning_rate:
-        return f"{cause}; the learning rate is already {_g(lr)}, the limit", None
-    return f"{cause}: set lr to {lr:g} (now {_g(record.learning_rate)})", {"learning_rate": lr}
+        return f"{cause}; the learning rate is already {sig(lr)}, the limit", None
+    return f"{cause}: set lr to {lr:g} (now {sig(record.learning_rate)})", {"learning_rate": lr}
 
 
 def rule_initial_loss(history: Sequence[StepRecord], num_classes: int) -> list[Finding]:
@@ -222,7 +222,7 @@ def rule_initial_loss(history: Sequence[StepRecord], num_classes: int) -> list[F
             "labels and that no label information leaks into the inputs"
         )
     message = (
-        f"initial validation loss {_g(loss)} is far from -ln(1/{num_classes}) = {_g(expected)}, "
+        f"initial validation loss {sig(loss)} is far from -ln(1/{num_classes}) = {sig(expected)}, "
         f"the loss of an untrained {num_classes}-class model"
     )
     return [Finding("initial_loss", "warning", message, advice, None, None,
@@ -331,7 +331,7 @@ def rule_update_ratio(history: Sequence[StepRecord], num_classes: int) -> list[F
             ratio = stretch.values[-1]
             message = (
                 f"layer {name}: updates are 10^{math.log10(ratio):.1f} of its weights "
-                f"(update:parameter ratio {_g(ratio)}), {where} the healthy "
+                f"(update:parameter ratio {sig(ratio)}), {where} the healthy "
                 f"10^{math.log10(UPDATE_RATIO_LOW):g} to 10^{math.log10(UPDATE_RATIO_HIGH):g} "
                 f"{stretch.describe()}"
             )
@@ -382,8 +382,8 @@ def rule_activation_std(history: Sequence[StepRecord], num_classes: int) -> list
             if not stretch.persists(far) or not (far or mild):
                 continue
             message = (
-                f"layer {layer.name}: activation std {_g(stretch.values[-1])}, "
-                f"{'above' if above else 'below'} {_g(limit)} {stretch.describe()}; healthy "
+                f"layer {layer.name}: activation std {sig(stretch.values[-1])}, "
+                f"{'above' if above else 'below'} {sig(limit)} {stretch.describe()}; healthy "
                 f"is about {ACTIVATION_STD_LOW:g} to {ACTIVATION_STD_HIGH:g}"
             )
             findings.append(Finding(code, "warning", message, advice[code], None, layer.name,
@@ -412,7 +412,7 @@ def rule_dead_relu(history: Sequence[StepRecord], num_classes: int) -> list[Find
             "(Kaiming/ReLU init) or use leaky ReLU"
         )
         message = (
-            f"layer {layer.name}: {_g(100 * stretch.values[-1])} % of its units output zero "
+            f"layer {layer.name}: {sig(100 * stretch.values[-1])} % of its units output zero "
             f"for every sample of the validation batch, most of them dead {stretch.describe()}"
         )
         findings.append(Finding("dead_relu", "warning", message, recommendation, fix,
@@ -504,8 +504,8 @@ def rule_loss_rising(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     )
     rise = 100 * (after.mean / before.mean - 1)
     message = (
-        f"training loss rose {_g(rise)} % (mean of the last {recent} logs {_g(after.mean)} "
-        f"against {_g(before.mean)} before them; {_z_words(z)}, beyond noise)"
+        f"training loss rose {sig(rise)} % (mean of the last {recent} logs {sig(after.mean)} "
+        f"against {sig(before.mean)} before them; {_z_words(z)}, beyond noise)"
     )
     return [Finding("loss_rising", "warning", message, recommendation, fix, None,
                     "rise, %", rise)]
@@ -559,9 +559,9 @@ def rule_loss_flat(history: Sequence[StepRecord], num_classes: int) -> list[Find
     if fall >= threshold * fall_se:
         return [_slow_finding(record, line.level, fall, window)]
     message = (
-        f"training loss has stayed near {_g(line.level)} over the last {len(window)} logs "
-        f"(steps {window[0].step}-{record.step}: fitted change {_g(-100 * fall)} %, surely "
-        f"within {_g(100 * FLAT_FALL)} %)"
+        f"training loss has stayed near {sig(line.level)} over the last {len(window)} logs "
+        f"(steps {window[0].step}-{record.step}: fitted change {sig(-100 * fall)} %, surely "
+        f"within {sig(100 * FLAT_FALL)} %)"
     )
     if record.optimizer in SGD_FAMILY:
         lr = DEFAULTS["learning_rate"]
@@ -585,8 +585,8 @@ def _slow_finding(record: StepRecord, level: float, fall: float,
         record, 3.0, "the loss is falling, but slowly: the learning rate may be too low "
         "(seeds 000/001)")
     message = (
-        f"training loss is falling slowly: {_g(100 * fall)} % over the last {len(window)} logs "
-        f"(steps {window[0].step}-{record.step}) at a level of {_g(level)}"
+        f"training loss is falling slowly: {sig(100 * fall)} % over the last {len(window)} logs "
+        f"(steps {window[0].step}-{record.step}) at a level of {sig(level)}"
     )
     return Finding("loss_slow", "info", message, recommendation, fix, None,
                    "fall across the window, %", 100 * fall, False)
@@ -640,8 +640,8 @@ def rule_exploding_gradients(history: Sequence[StepRecord], num_classes: int) ->
             "gradient clipping also help",
         )
         message = (
-            f"layer {layer.name}: gradient norm {_g(layer.grad_norm)} is "
-            f"{_g(layer.grad_norm / baseline)}x its median {_g(baseline)} over the previous "
+            f"layer {layer.name}: gradient norm {sig(layer.grad_norm)} is "
+            f"{sig(layer.grad_norm / baseline)}x its median {sig(baseline)} over the previous "
             f"{len(previous)} logs"
         )
         findings.append(Finding(
@@ -719,10 +719,10 @@ def rule_overfitting(history: Sequence[StepRecord], num_classes: int) -> list[Fi
     )
     rise = 100 * (recent.mean / best.mean - 1)
     message = (
-        f"validation loss rose {_g(rise)} % above its best (mean {_g(best.mean)} over "
-        f"{best_steps} -> {_g(recent.mean)} over the last {OVERFIT_RECENT_LOGS} logs; "
-        f"{_z_words(z)}) while training loss fell from {_g(train_before)} to "
-        f"{_g(train_after)}"
+        f"validation loss rose {sig(rise)} % above its best (mean {sig(best.mean)} over "
+        f"{best_steps} -> {sig(recent.mean)} over the last {OVERFIT_RECENT_LOGS} logs; "
+        f"{_z_words(z)}) while training loss fell from {sig(train_before)} to "
+        f"{sig(train_after)}"
     )
     return [Finding("overfitting", "warning", message, recommendation, fix, None,
                     "validation loss rise, %", rise)]
