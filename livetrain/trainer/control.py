@@ -19,7 +19,7 @@ from livetrain.db.contract import Hyperparameters
 from livetrain.db.store import ParameterState, now
 from livetrain.trainer.checkpointing import CheckpointRefusedError, read_checkpoint, restorable
 from livetrain.trainer.ownership import say
-from livetrain.trainer.steering import apply_parameters
+from livetrain.trainer.steering import RefusedError
 
 if TYPE_CHECKING:
     from livetrain.trainer.checkpointing import Checkpoint, Restorable
@@ -137,8 +137,9 @@ class Controller:
             restored = self.roll_back(state.rollback_step)
         if new is not None:
             try:
-                run.optimizer = apply_parameters(run.model, run.optimizer, self.params, new,
-                                                 run.schedulers)
+                run.apply_parameters(self.params, new)
+            except RefusedError as exc:
+                new, errors = None, {exc.column: str(exc)}
             except (ValueError, RuntimeError) as exc:
                 new, errors = None, {"model": f"the model cannot take it ({exc})"}
         before = (self.stopping, self.paused)
@@ -183,6 +184,12 @@ class Controller:
                              step=run.global_step)
             return None
         loaded = read_restorable(run, found)
+        if not isinstance(loaded, str) and type(loaded.optimizer) is not type(run.optimizer) \
+                and (why := run.switch_refusal()):
+            run.writer.event("warning", "parameters_rejected", f"no rollback to step {target}: "
+                             f"its checkpoint holds another optimizer, and {why}; training "
+                             f"goes on from step {run.global_step}", step=run.global_step)
+            return None
         if isinstance(loaded, str):  # nothing changed: training goes on as it was
             run.writer.event("warning", "rollback_failed", f"no rollback to step {target}: "
                              f"{loaded}; training goes on from step {run.global_step}",

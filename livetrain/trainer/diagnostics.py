@@ -127,6 +127,8 @@ class LayerRecord:
     # not measured (a log that ends a stopped run follows no fresh backward pass)
     update_ratio: float  # mean|dw| / mean|w| over the last optimizer step (NaN if undefined)
     has_nonlinearity: bool  # False for the logits layer: activation rules skip it
+    # False when the recorded forward pass did not run the layer: its NaNs mean "unknown"
+    activation_measured: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ class StepRecord:
     layers: tuple[LayerRecord, ...]
     train_loss_se: float | None = None  # standard error of train_loss (None: not measured)
     validate_loss_se: float | None = None  # standard error of validate_loss
+    # False when no step since the previous log reported a loss: train_loss's NaN is unknown
+    train_loss_measured: bool = True
 
 
 @dataclass(frozen=True)
@@ -738,12 +742,13 @@ def rule_non_finite(history: Sequence[StepRecord], num_classes: int) -> list[Fin
     record = history[-1]
     places: list[str] = []
     first_layer = None
-    if record.step > 0 and not math.isfinite(record.train_loss):
+    if record.step > 0 and record.train_loss_measured and not math.isfinite(record.train_loss):
         places.append(f"training loss ({record.train_loss})")
     if record.validate_loss is not None and not math.isfinite(record.validate_loss):
         places.append(f"validation loss ({record.validate_loss})")
     for layer in record.layers:
-        values = [("activation mean", layer.act_mean), ("activation std", layer.act_std)]
+        values = [("activation mean", layer.act_mean), ("activation std", layer.act_std)] \
+            if layer.activation_measured else []
         if record.step > 0 and layer.grad_norm is not None:
             values.append(("gradient norm", layer.grad_norm))
         bad = [f"{label} {value}" for label, value in values if not math.isfinite(value)]

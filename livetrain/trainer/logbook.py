@@ -100,6 +100,7 @@ class Logbook:
                  early_stopping: int) -> None:
         self.run = run
         self.validate = validate
+        self.reported: ValidationFigures | None = None  # run.record_validation's figures
         self.full_argument = takes_full(validate)
         self.doctor = Diagnostician(num_classes)
         self.opened_at: dict[str, datetime] = {}  # open episodes' first moment, by alert_id
@@ -126,7 +127,11 @@ class Logbook:
 
     def run_validation(self, full: bool) -> ValidationFigures | None:
         """The user's validation, with the probe recording its first forward pass and
-        parameter changes taken between its batches."""
+        parameter changes taken between its batches; or the one reported since the
+        last log (run.record_validation)."""
+        if self.reported is not None:
+            reported, self.reported = self.reported, None
+            return reported
         if self.validate is None:
             return None
         run = self.run
@@ -181,6 +186,7 @@ class Logbook:
             validate_loss=None if validation is None else validation.loss,
             validate_loss_se=None if validation is None
             else _standard_error(validation.loss_std, validation.batches),
+            train_loss_measured=interval.loss is not None,
             learning_rate=lr, optimizer=ran_with.optimizer,
             weight_decay=ran_with.weight_decay, dropout=ran_with.dropout,
             layers=tuple(LayerRecord(
@@ -188,6 +194,7 @@ class Logbook:
                 act_std=_float(r["act_std"]), zero_fraction=_float(r["zero_fraction"]),
                 dead_fraction=_float(r["dead_fraction"]), grad_norm=r["grad_norm"],
                 update_ratio=_float(r["update_ratio"]), has_nonlinearity=r["has_nonlinearity"],
+                activation_measured=r["act_mean"] is not None,
             ) for r in layers),
         )
         changes = self.doctor.observe(record)

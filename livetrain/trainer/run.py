@@ -37,11 +37,16 @@ from livetrain.trainer.checkpointing import Checkpoint, CheckpointRing, Restorab
 from livetrain.trainer.control import Controller, describe
 from livetrain.trainer.distributed import Ranks
 from livetrain.trainer.layers import dropout_percent, set_dropout
-from livetrain.trainer.logbook import Logbook, Validate
+from livetrain.trainer.logbook import Logbook, Validate, validation_figures
 from livetrain.trainer.ownership import say, trainer_identity
 from livetrain.trainer.resuming import resume_run
 from livetrain.trainer.signals import StopSignal
-from livetrain.trainer.steering import learning_rate_in_force, optimizer_name
+from livetrain.trainer.steering import (
+    RefusedError,
+    apply_parameters,
+    learning_rate_in_force,
+    optimizer_name,
+)
 from livetrain.trainer.telemetry import (
     IntervalMetrics,
     LayerProbe,
@@ -78,6 +83,16 @@ class LiveRun:
     run: `stopped` after a stop, `finished` at the natural end, `failed` on an
     exception (which propagates).
     """
+
+    # What a framework integration (livetrain.lightning, livetrain.transformers) changes.
+    # Whether gradients are ready when the optimizer's step begins: not in Lightning,
+    # whose optimizer.step(closure) runs the backward pass inside the step.
+    gradients_before_step = True
+    # Whether the optimizer hook clips: not where the framework's own clipping does.
+    clips_in_hook = True
+    # Whether a log waits for `flush_log()`: a framework validates after the step's
+    # callback returns, and that validation belongs in the step's row.
+    defer_logs = False
 
     def __init__(
         self,
@@ -119,6 +134,7 @@ class LiveRun:
         self.max_steps, self.checkpoint_every = max_steps, checkpoint_every
         self.global_step, self.epoch, self.rollbacks = 0, 1, 0
         self.finishing = self.validating = False
+        self.log_due: bool | None = None  # a deferred log: whether it is a full one
         self.status: str | None = None
         self.ranks = Ranks()
         self.device = next(model.parameters()).device
@@ -262,6 +278,7 @@ class LiveRun:
     def _finish(self) -> None:
         stopped = self.control.stopping or self.control.stop_asked
         status = "stopped" if stopped else "finished"
+        self.flush_log()
         if self.global_step != self.logbook.last_logged:
             self.logbook.log(full_validation=True)  # the final validation
         self.checkpoint("final", wait=True)
@@ -318,30 +335,56 @@ class LiveRun:
         """The steerable values in force (what the board last had applied)."""
         return self.control.params
 
-    def step(self, loss: torch.Tensor | float, outputs: torch.Tensor | None = None,
+    def record_validation(self, loss: float, accuracy: float | None = None,
+                          loss_std: float | None = None, batches: int | None = None) -> None:
+        """A validation your loop (or framework) ran itself, on its own schedule: its
+        figures go into the next logged row (accuracy in percent). With `loss_std` (the
+        std of the per-batch losses) and `batches` the board draws the noise band."""
+        self.logbook.reported = validation_figures(
+            {"loss": loss, "accuracy": accuracy, "loss_std": loss_std, "batches": batches})
+
+    def flush_log(self) -> None:
+        """Write a log that waited for the framework's validation (see `defer_logs`), or,
+        when a validation was reported between two logs, a row for it at this step."""
+        if self.status is not None:
+            return
+        due, self.log_due = self.log_due, None
+        if due is None and self.logbook.reported is None:
+            return
+        if due is None and self.global_step == self.logbook.last_logged:
+            return  # that row is written: the validation goes into the next one
+        self.logbook.log(full_validation=bool(due))
+
+    def step(self, loss: torch.Tensor | float | None, outputs: torch.Tensor | None = None,
              targets: torch.Tensor | None = None) -> None:
         """Record a training step, log on schedule, then take the board's news at this
-        step boundary: a change, a pause (blocks here), a rollback or a stop."""
+        step boundary: a change, a pause (blocks here), a rollback or a stop. A step
+        whose loss is unknown (None) is counted and steered, and logs no training loss."""
         if self.status is not None:
             raise RuntimeError(f"run {self.run_id} has ended ({self.status})")
-        loss = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
-        blown = self.updates.take_dropped() or not bool(torch.isfinite(loss).all())
+        self.probe.end_forward()
+        if loss is not None:
+            loss = loss.detach() if isinstance(loss, torch.Tensor) \
+                else torch.tensor(float(loss))
+        blown = self.updates.take_dropped() or (
+            loss is not None and not bool(torch.isfinite(loss).all()))
         (blown,) = self.ranks.any(blown)
         if blown:
             self._blow_up(loss)
         else:
-            self._count(loss.mean(), outputs, targets)
+            self._count(None if loss is None else loss.mean(), outputs, targets)
         self._boundary()
 
     def _boundary(self) -> None:
         """Between two steps: adopt what the board asks, wait while it pauses the run."""
         self.control.poll()
         if self.control.paused:
+            self.flush_log()  # the board shows where the run stands while it waits
             self.control.wait_while_paused()
         self._prepare_next_step()
 
-    def _count(self, loss: torch.Tensor, outputs: Any, targets: Any) -> None:
-        samples = self.metrics.add(loss, outputs, targets)
+    def _count(self, loss: torch.Tensor | None, outputs: Any, targets: Any) -> None:
+        samples = None if loss is None else self.metrics.add(loss, outputs, targets)
         self.global_step += 1
         if samples:
             samples *= self.ranks.world_size  # the job's, not this rank's
@@ -351,7 +394,11 @@ class LiveRun:
         if self.max_steps is not None and self.global_step >= self.max_steps:
             self.finishing = True
         if self.updates.logging:
-            self.logbook.log(full_validation=self._end_of_epoch() or self.finishing)
+            full = self._end_of_epoch() or self.finishing
+            if self.defer_logs:
+                self.log_due = full
+            else:
+                self.logbook.log(full_validation=full)
         if self.global_step % self.checkpoint_every == 0:
             self.checkpoint("periodic")
 
@@ -372,15 +419,15 @@ class LiveRun:
         if logging and self.logbook.validate is None and self.ranks.is_main:
             self.probe.arm_next_forward()
 
-    def _blow_up(self, loss: torch.Tensor) -> None:
+    def _blow_up(self, loss: torch.Tensor | None) -> None:
         """A non-finite loss or gradient: pause before the update can spread it."""
         control = self.control
         control.paused = True
         lr = learning_rate_in_force(self.optimizer)
         self.logbook.doctor.note_blow_up(lr)
-        value = loss.float().mean().item()
-        what = f"the training loss is {value}" if not torch.isfinite(loss).all() \
-            else "the gradients are not finite"
+        what = "the gradients are not finite"
+        if loss is not None and not torch.isfinite(loss).all():
+            what = f"the training loss is {loss.float().mean().item()}"
         self.writer.event(
             "error", "non_finite",
             f"{what} at step {self.global_step + 1}: training paused before the update",
@@ -411,7 +458,10 @@ class LiveRun:
         self.model.load_state_dict(loaded.model_state)  # copies into the optimizer's params
         loaded.model_state.clear()  # the model holds the weights now: no second copy kept
         old_base = self.control.params.learning_rate
-        self.optimizer = loaded.optimizer  # the hooks follow it
+        if type(loaded.optimizer) is type(self.optimizer):  # in place: references stay valid
+            self.optimizer.load_state_dict(loaded.optimizer.state_dict())
+        else:  # the checkpoint predates an optimizer switch
+            self.replace_optimizer(loaded.optimizer)
         for scheduler in self.schedulers:
             scheduler.optimizer = self.optimizer
             if isinstance(getattr(scheduler, "base_lrs", None), list):
@@ -425,4 +475,24 @@ class LiveRun:
         self.logbook.last_logged = found.step
         self.progress.step = found.step
         self.metrics.reset()
+        self.log_due = None
         self.rollbacks += 1
+
+    # -- how changes reach the optimizer (what a framework integration overrides) -----------
+
+    def apply_parameters(self, current: Hyperparameters, new: Hyperparameters) -> None:
+        """Bring model and optimizer from `current` to `new`. ValueError (nothing changed)
+        when the model cannot take them; RefusedError when the framework cannot."""
+        if new.optimizer != current.optimizer and (why := self.switch_refusal()):
+            raise RefusedError("optimizer", why)
+        optimizer = apply_parameters(self.model, self.optimizer, current, new, self.schedulers)
+        if optimizer is not self.optimizer:
+            self.replace_optimizer(optimizer)
+
+    def switch_refusal(self) -> str | None:
+        """Why this run cannot put a new optimizer object in force (None: it can)."""
+        return None
+
+    def replace_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put a new optimizer in force: a switch, or a rollback across one."""
+        self.optimizer = optimizer  # the hooks follow it

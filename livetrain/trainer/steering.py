@@ -30,6 +30,15 @@ SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
 Groups = Iterable[nn.Parameter] | Sequence[dict[str, Any]]
 
 
+class RefusedError(ValueError):
+    """A change the training framework cannot take (an optimizer switch where it owns the
+    optimizer): the board shows `reason` in a `parameters_rejected` event."""
+
+    def __init__(self, column: str, reason: str) -> None:
+        super().__init__(reason)
+        self.column = column
+
+
 def build_optimizer(name: str, params: Groups, lr: float, weight_decay: float
                     ) -> torch.optim.Optimizer:
     """The optimizer `name` over `params`: parameters, or param groups (dicts) whose own
@@ -87,9 +96,13 @@ def rescale_learning_rates(optimizer: torch.optim.Optimizer, schedulers: Sequenc
 
 def set_weight_decay(optimizer: torch.optim.Optimizer, old: float, new: float) -> None:
     """Group 0's weight decay becomes `new`; the others keep their ratio to it. When group
-    0 had none, every group takes `new` (there is no ratio to keep)."""
-    for group in optimizer.param_groups:
+    0 had none there is no ratio to keep: every group takes `new`, except a further group
+    of biases and norm scales only (1-d tensors), which by convention is never decayed
+    (the no-decay group transformers and timm build)."""
+    for index, group in enumerate(optimizer.param_groups):
         decay = group["weight_decay"]
+        if old <= 0 and decay == 0 and index > 0 and all(p.dim() <= 1 for p in group["params"]):
+            continue
         group["weight_decay"] = new if decay == old or old <= 0 else new * decay / old
 
 

@@ -277,6 +277,11 @@ class LayerProbe:
             self._pending = None
 
     def _on_model(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.end_forward()
+
+    def end_forward(self) -> None:
+        """The armed forward pass is over: the model's own forward returned, or the step
+        ended (a LightningModule's training_step calls its layers, not its forward)."""
         if self._once:
             self._settle()
             self._armed = self._once = False

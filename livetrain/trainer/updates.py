@@ -1,7 +1,8 @@
 """Hooks around the user's `optimizer.step()`: the place a loop we did not write still
 passes through between its backward pass and its update.
 
-Before the update: clip the gradients when the board asks for clipping, and refuse
+Before the update: clip the gradients when the board asks for clipping (unless the
+framework clips them itself), and refuse
 an update whose gradients are not finite (they are dropped, so the weights keep
 their last finite values and the run pauses); on a step that logs, note each watched
 layer's gradient norm and weights. After it: the update-to-weight ratios.
@@ -47,11 +48,17 @@ class UpdateHooks:
         return dropped
 
     def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.run.gradients_before_step:
+            self.before_update(optimizer)
+
+    def before_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Between the backward pass and the update: the optimizer's pre-step hook, or
+        (where backward runs inside `optimizer.step(closure)`) the framework's own hook."""
         params = [p for group in optimizer.param_groups for p in group["params"]
                   if p.grad is not None]
         if not params:
             return
-        clip = self.run.control.params.grad_clip
+        clip = self.run.control.params.grad_clip if self.run.clips_in_hook else 0.0
         if clip > 0:
             total = nn.utils.clip_grad_norm_(params, clip)
         else:

@@ -1,0 +1,92 @@
+"""What the Lightning and transformers callbacks share: a LiveRun driven by a framework's
+hooks instead of by the user's own loop.
+
+The framework owns the loop, the optimizer and its clipping setting, so the run
+changes them through the framework's mechanisms: lr and weight decay on every
+optimizer's param groups, clipping through the trainer's own setting, an optimizer
+switch only where the framework lets another optimizer in (else it is refused with
+the reason, and the run keeps training). A framework validates after the step's
+callback returns, so a step's log waits for the next step's start (`flush_log`), and
+the validation the framework ran lands in the row of the step it followed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from livetrain.db.contract import Hyperparameters
+from livetrain.trainer.run import LiveRun
+from livetrain.trainer.steering import rescale_learning_rates, set_weight_decay
+
+
+class FrameworkRun(LiveRun):
+    """A LiveRun whose steps, validations and clipping belong to a training framework."""
+
+    clips_in_hook = False
+    defer_logs = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 others: Sequence[torch.optim.Optimizer] = (), **options: Any) -> None:
+        self.other_optimizers = list(others)  # manual optimization's further optimizers
+        super().__init__(model, optimizer, **options)
+
+    def apply_parameters(self, current: Hyperparameters, new: Hyperparameters) -> None:
+        super().apply_parameters(current, new)
+        for optimizer in self.other_optimizers:  # each keeps its own ratios to the base
+            if new.learning_rate != current.learning_rate:
+                rescale_learning_rates(optimizer, (), current.learning_rate, new.learning_rate)
+            if new.weight_decay != current.weight_decay:
+                set_weight_decay(optimizer, current.weight_decay, new.weight_decay)
+        if new.grad_clip != current.grad_clip:
+            self.set_grad_clip(new.grad_clip)
+
+    def set_grad_clip(self, max_norm: float) -> None:
+        """Hand the board's clipping (0: off) to the framework's own clipping setting."""
+        raise NotImplementedError
+
+
+def as_loss(value: Any) -> torch.Tensor | None:
+    """The training loss in what a framework's step returned: a tensor, or a mapping's
+    "loss" (a Lightning training_step dict, a transformers ModelOutput); None without one."""
+    if isinstance(value, Mapping):
+        value = value.get("loss")
+    if isinstance(value, torch.Tensor) and value.numel() >= 1:
+        return value.detach()
+    return None
+
+
+def mean_loss(losses: list[torch.Tensor]) -> torch.Tensor | None:
+    """The step's loss over its gradient-accumulation micro-batches (None: none seen)."""
+    if not losses:
+        return None
+    return torch.stack([loss.float().mean() for loss in losses]).mean()
+
+
+def metric(metrics: Mapping[str, Any], names: Sequence[str]) -> float | None:
+    """The first of `names` that `metrics` holds as a finite or non-finite number."""
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def percent(accuracy: float | None) -> float | None:
+    """A framework's accuracy (a fraction, as torchmetrics and `evaluate` give it) in the
+    percent the contract stores; a value already above 1 is taken as a percent."""
+    if accuracy is None or not math.isfinite(accuracy):
+        return None
+    return accuracy * 100.0 if accuracy <= 1.0 else accuracy
+
+
+def json_safe(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The plain values of a config (numbers, strings, booleans, None), for the run's row."""
+    return {str(k): v for k, v in values.items()
+            if v is None or isinstance(v, bool | int | float | str)}
