@@ -12,7 +12,9 @@ the validation the framework ran lands in the row of the step it followed.
 
 from __future__ import annotations
 
+import atexit
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +36,20 @@ class FrameworkRun(LiveRun):
                  others: Sequence[torch.optim.Optimizer] = (), **options: Any) -> None:
         self.other_optimizers = list(others)  # manual optimization's further optimizers
         super().__init__(model, optimizer, **options)
+        # transformers has no exception hook for callbacks: when an error ends the process
+        # inside its loop, the run still ends `failed`, with its last rows written.
+        atexit.register(self._ended_inside_the_loop)
+
+    def close(self, error: BaseException | None = None) -> None:
+        atexit.unregister(self._ended_inside_the_loop)
+        super().close(error)
+
+    def _ended_inside_the_loop(self) -> None:
+        error = getattr(sys, "last_value", None)  # the uncaught exception, once printed
+        if not isinstance(error, BaseException):
+            error = RuntimeError("the process ended inside the framework's training loop, "
+                                 "before its end-of-training hook")
+        self.close(error)
 
     def apply_parameters(self, current: Hyperparameters, new: Hyperparameters) -> None:
         super().apply_parameters(current, new)
