@@ -71,14 +71,19 @@ class LiveTrainingCallback(TrainerCallback):
 
     `db` is a database URL (default: $LIVETRAIN_DB, else the embedded SQLite file),
     `name` the run's name on the board, `log_every` the steps between two logged rows.
-    Further keyword arguments go to LiveRun (`checkpoint_every`, `layers`, `config`...).
+    `eval_loss` and `eval_accuracy` name the metrics (from `compute_metrics`, accuracy as
+    a fraction) read after each evaluation. Further keyword arguments go to LiveRun
+    (`checkpoint_every`, `layers`, `config`...).
     """
 
     def __init__(self, db: str | None = None, name: str | None = None, log_every: int = 50,
-                 *, eval_loss: Sequence[str] = VALIDATION_LOSS,
-                 eval_accuracy: Sequence[str] = VALIDATION_ACCURACY, **options: Any) -> None:
+                 *, eval_loss: str | Sequence[str] = VALIDATION_LOSS,
+                 eval_accuracy: str | Sequence[str] = VALIDATION_ACCURACY,
+                 **options: Any) -> None:
         self.options = {"db": db, "name": name, "log_every": log_every, **options}
-        self.eval_loss, self.eval_accuracy = tuple(eval_loss), tuple(eval_accuracy)
+        self.eval_loss = (eval_loss,) if isinstance(eval_loss, str) else tuple(eval_loss)
+        self.eval_accuracy = (eval_accuracy,) if isinstance(eval_accuracy, str) \
+            else tuple(eval_accuracy)
         self.run: TransformersRun | None = None
         self._losses: list[torch.Tensor] = []  # this update's micro-batch losses
         self._loss_hook: Any = None
