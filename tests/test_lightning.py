@@ -308,7 +308,7 @@ def test_manual_optimization_refuses_an_optimizer_switch(tmp_path: Path,
     assert steering.sql.one("SELECT count(*) FROM parameter_changes WHERE run_id = :r "
                             "AND version = :v", r=steering.run_id, v=session.version)[0] == 0
     after = [kind for step, kind, _ in module.seen if step > session.step]
-    assert len(after) >= 40 and set(after) == {torch.optim.Adam}  # it trained on, with Adam
+    assert len(after) >= 30 and set(after) == {torch.optim.Adam}  # it trained on, with Adam
     assert isinstance(trainer.optimizers[0], torch.optim.Adam)
     logged = steering.sql.rows("SELECT DISTINCT optimizer FROM statistics WHERE run_id = :r",
                                r=steering.run_id)
