@@ -120,8 +120,8 @@ class Steering(threading.Thread):
     def __init__(self, url: str, trainer: pl.Trainer, callback: LiveTrainingCallback,
                  script: Callable[[Steering], None]) -> None:
         super().__init__(daemon=True)
-        self.sql, self.trainer, self.callback, self.script = SqlClient(url), trainer, \
-            callback, script
+        self.sql, self.script = SqlClient(url), script
+        self.trainer, self.callback = trainer, callback
         self.run_id = 0
         self.error: BaseException | None = None
 
@@ -390,9 +390,9 @@ def test_the_row_of_the_applied_step_shows_the_lr_its_update_used(
     module, session = DigitsMLP(), HalveLr()
     fit_while_steering(tmp_path, sqlite_url, module, session, log_every=1)
     used = {step + 1: lrs[0] for step, _, lrs in module.seen}  # seen before step N+1's update
-    steering_sql = SqlClient(sqlite_url)
-    rows = steering_sql.rows("SELECT step, learning_rate FROM statistics WHERE step > 0")
-    steering_sql.close()
+    sql = SqlClient(sqlite_url)
+    rows = sql.rows("SELECT step, learning_rate FROM statistics WHERE step > 0")
+    sql.close()
     assert used[session.step] == pytest.approx(LR)  # the applied step's update: the old lr
     assert {step: lr for step, lr in rows if step in used} == pytest.approx(
         {step: used[step] for step, _ in rows if step in used})
