@@ -81,8 +81,9 @@ class LightningRun(FrameworkRun):
 class LiveTrainingCallback(pl.Callback):
     """Watch and steer a Lightning run from the board, through the database.
 
-    `db` is a database URL (default: $LIVETRAIN_DB, else the embedded SQLite file),
-    `name` the run's name on the board, `log_every` the steps between two logged rows.
+    `db` is a database URL (default: $DATABASE_URL, else training.db in the working
+    directory), `name` the run's name on the board, `log_every` the steps between two
+    logged rows.
     The validation loss and accuracy come from what the module logs with `self.log`
     (`val_loss`, `val_acc` by default; accuracy as a fraction). Further keyword
     arguments go to LiveRun (`checkpoint_every`, `layers`, `num_classes`, `config`...).

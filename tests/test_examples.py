@@ -13,11 +13,12 @@ import pytest
 from test_livetrain_api import SqlClient
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ("plain_pytorch.py", "custom_cnn.py")
+EXAMPLES = ("plain_pytorch.py", "custom_cnn.py", "lightning_mnist.py")
 # Default name and steps: epochs x batches (1437 training digits / 32 = 45 batches;
 # 4000 training images of the MNIST sample / 64 = 63 batches).
 DEFAULT_RUNS = {"plain_pytorch.py": ("digits-mlp", 5 * 45),
-                "custom_cnn.py": ("mnist-small-cnn", 2 * 63)}
+                "custom_cnn.py": ("mnist-small-cnn", 2 * 63),
+                "lightning_mnist.py": ("mnist-lightning-cnn", 2 * 63)}
 
 
 def run_example(example: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:

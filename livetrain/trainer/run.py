@@ -484,7 +484,7 @@ class LiveRun:
         """Bring model and optimizer from `current` to `new`. ValueError (nothing changed)
         when the model cannot take them; RefusedError when the framework cannot."""
         if new.optimizer != current.optimizer and (why := self.switch_refusal()):
-            raise RefusedError("optimizer", why)
+            raise RefusedError("optimizer", f"optimizer={new.optimizer}: {why}")
         optimizer = apply_parameters(self.model, self.optimizer, current, new, self.schedulers)
         if optimizer is not self.optimizer:
             self.replace_optimizer(optimizer)
