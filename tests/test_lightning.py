@@ -379,9 +379,6 @@ class HalveLr:
         steering.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="livetrain bug: a deferred log is written at the next "
-                   "batch's start, after the change applied at its step, so the row of the "
-                   "applied step shows the new lr although that step's update used the old one")
 def test_the_row_of_the_applied_step_shows_the_lr_its_update_used(
     tmp_path: Path, sqlite_url: str
 ) -> None:

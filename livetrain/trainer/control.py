@@ -151,11 +151,11 @@ class Controller:
                 step=run.global_step, version=state.version)
             if not adopted(new, self.params, restored, before, (self.stopping, self.paused)):
                 return  # nothing of this version was adopted
-        self.acknowledge(state, new, restored)
+        self.acknowledge(state, new, restored, resumed=before[1] and not self.paused)
         self.params = new or self.params
 
     def acknowledge(self, state: ParameterState, new: Hyperparameters | None,
-                    restored: int | None) -> None:
+                    restored: int | None, resumed: bool = False) -> None:
         """The parameter_changes row and the events that say what was applied at which step."""
         run, step = self.run, self.run.global_step
         run.writer.acknowledge({
@@ -164,7 +164,8 @@ class Controller:
             "dt_updated": state.dt_updated or now(), "applied_step": step, "dt_applied": now(),
         })
         if new is not None:
-            flags = ", paused" * self.paused + ", stopping" * self.stopping
+            flags = ", paused" * self.paused + ", resumed" * resumed \
+                + ", stopping" * self.stopping
             run.writer.event("info", "parameters_applied",
                              f"version {state.version} applied at step {step}: "
                              f"{describe_change(self.params, new)}{flags}",

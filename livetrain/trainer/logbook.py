@@ -110,8 +110,11 @@ class Logbook:
         self.interval_start, self.interval_samples = time.perf_counter(), 0
         self.last: dict[str, float | None] = {}  # the latest log's figures, for a progress bar
 
-    def log(self, full_validation: bool) -> None:
-        """One statistics row plus per-layer telemetry for the current step.
+    def log(self, full_validation: bool, ran_with: Hyperparameters | None = None,
+            lr: float | None = None) -> None:
+        """One statistics row plus per-layer telemetry for the current step, with the
+        parameters and lr its update ran with (given for a deferred log: a change may
+        have been applied at the step's boundary since; else the ones in force).
 
         Under torchrun the training figures are summed over the ranks, and rank 0
         validates and writes while the others wait for what it decided.
@@ -119,7 +122,8 @@ class Logbook:
         run = self.run
         interval = run.metrics.summary(run.ranks.sum)
         if run.ranks.is_main:
-            self.write(full_validation, interval)
+            self.write(full_validation, interval, ran_with or run.control.params,
+                       learning_rate_in_force(run.optimizer) if lr is None else lr)
         control = run.control
         control.paused, run.finishing = run.ranks.any(control.paused, run.finishing)
         self.last_logged = run.global_step
@@ -143,9 +147,9 @@ class Logbook:
             run.validating = False
         return validation_figures(result)
 
-    def write(self, full_validation: bool, interval: IntervalSummary) -> None:
+    def write(self, full_validation: bool, interval: IntervalSummary,
+              ran_with: Hyperparameters, lr: float) -> None:
         run = self.run
-        ran_with, lr = run.control.params, learning_rate_in_force(run.optimizer)
         validation = self.run_validation(full_validation)
         elapsed = time.perf_counter() - self.interval_start
         run.writer.statistics({

@@ -134,7 +134,8 @@ class LiveRun:
         self.max_steps, self.checkpoint_every = max_steps, checkpoint_every
         self.global_step, self.epoch, self.rollbacks = 0, 1, 0
         self.finishing = self.validating = False
-        self.log_due: bool | None = None  # a deferred log: whether it is a full one
+        # A deferred log: whether it is a full one, and what its step's update ran with.
+        self.log_due: tuple[bool, Hyperparameters, float] | None = None
         self.status: str | None = None
         self.ranks = Ranks()
         self.device = next(model.parameters()).device
@@ -349,11 +350,11 @@ class LiveRun:
         if self.status is not None:
             return
         due, self.log_due = self.log_due, None
-        if due is None and self.logbook.reported is None:
-            return
-        if due is None and self.global_step == self.logbook.last_logged:
-            return  # that row is written: the validation goes into the next one
-        self.logbook.log(full_validation=bool(due))
+        if due is not None:
+            self.logbook.log(*due)
+        elif self.logbook.reported is not None and self.global_step != self.logbook.last_logged:
+            self.logbook.log(full_validation=False)
+        # else: that step's row is written; the validation goes into the next one
 
     def step(self, loss: torch.Tensor | float | None, outputs: torch.Tensor | None = None,
              targets: torch.Tensor | None = None) -> None:
@@ -396,7 +397,7 @@ class LiveRun:
         if self.updates.logging:
             full = self._end_of_epoch() or self.finishing
             if self.defer_logs:
-                self.log_due = full
+                self.log_due = (full, self.control.params, learning_rate_in_force(self.optimizer))
             else:
                 self.logbook.log(full_validation=full)
         if self.global_step % self.checkpoint_every == 0:
