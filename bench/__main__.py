@@ -9,8 +9,8 @@ import sys
 
 import psutil
 
-BENCHMARKS = ("bench.overhead", "bench.control_latency", "bench.ingest", "bench.board_refresh",
-              "bench.memory", "bench.seed_design")
+BENCHMARKS = ("bench.overhead", "bench.frameworks", "bench.control_latency", "bench.ingest",
+              "bench.board_refresh", "bench.memory", "bench.seed_design")
 
 
 def main() -> int:
