@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from sqlalchemy import create_engine, text
 from torch import nn
 
 from livetrain import LiveRun
@@ -54,6 +55,17 @@ def statistics(url: str, run_id: int) -> dict[int, dict]:
         return {row["step"]: row for row in store.statistics(run_id)}
     finally:
         store.close()
+
+
+def layer_rows(url: str, run_id: int) -> list[dict]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(text(
+                "SELECT step, layer_name, act_mean FROM layer_statistics WHERE run_id = :r"),
+                {"r": run_id})]
+    finally:
+        engine.dispose()
 
 
 def events(url: str, run_id: int) -> list[dict]:
@@ -147,3 +159,32 @@ def test_weight_decay_leaves_the_no_decay_group_at_zero() -> None:
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.01, 0.0]
     set_weight_decay(optimizer, 0.01, 0.02)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.02, 0.0]
+
+
+def test_a_run_that_watches_no_layer_logs_its_losses(tmp_path: Path, sqlite_url: str) -> None:
+    model, optimizer = model_and_optimizer()
+    with LiveRun(model, optimizer, db=sqlite_url, log_every=5, checkpoint_dir=tmp_path,
+                 layers=[], handle_signals=False) as run:
+        train(run, model, 10)
+    assert run.status == "finished"
+    assert statistics(sqlite_url, run.run_id)[10]["train_loss"] is not None
+
+
+def test_the_probe_hooks_the_model_only_while_it_records(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A forward hook, even an idle one, slows every call of its module: between the
+    passes it records, the probe leaves the layers without hooks."""
+    model, optimizer = model_and_optimizer()
+    layers = [model[0], model[1], model[2]]
+    with LiveRun(model, optimizer, db=sqlite_url, log_every=5, checkpoint_dir=tmp_path,
+                 handle_signals=False) as run:
+        train(run, model, 7)  # logged at 5; the pass of step 10 is not armed yet
+        assert all(not layer._forward_hooks for layer in layers)
+        train(run, model, 2)  # step 10's pass is armed at step 9's boundary
+        assert all(layer._forward_hooks for layer in (model[0], model[1]))
+        train(run, model, 1)
+        assert all(not layer._forward_hooks for layer in layers)
+    rows = {(r["step"], r["layer_name"]): r for r in layer_rows(sqlite_url, run.run_id)}
+    assert rows[(10, "0")]["act_mean"] is not None  # recorded through the hooks
+    assert rows[(10, "2")]["act_mean"] is not None

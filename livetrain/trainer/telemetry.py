@@ -251,14 +251,24 @@ class LayerProbe:
         self._before: list[torch.Tensor] = []
         self._updates: list[torch.Tensor] = []
         self._update_ratios: list[torch.Tensor | None] = []
+        self._model = model
+        self._nonlinearities = [m for m in model.modules() if isinstance(m, NONLINEARITIES)]
+        # Hooks are on the model only while armed: even a hook that does nothing sends
+        # each call of its module down torch's slower path, on every step.
+        self._handles: list[Any] = []
+
+    def _attach(self) -> None:
+        if self._handles:
+            return
         self._handles = [layer.module.register_forward_hook(self._on_layer)
                          for layer in self.layers]
         self._handles += [module.register_forward_hook(self._on_nonlinearity)
-                          for module in model.modules() if isinstance(module, NONLINEARITIES)]
-        self._handles.append(model.register_forward_hook(self._on_model))
+                          for module in self._nonlinearities]
+        self._handles.append(self._model.register_forward_hook(self._on_model))
 
     def remove(self) -> None:
-        """Take the hooks off the model: it is the user's again when the run ends."""
+        """Take the hooks off the model: between recorded passes, and for good when the
+        run ends (the model is the user's again)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -285,10 +295,12 @@ class LayerProbe:
         if self._once:
             self._settle()
             self._armed = self._once = False
+            self.remove()
 
     def arm_next_forward(self) -> None:
         """Record the activations of the model's next forward pass (a training batch of a
         loop that has no validation to record them on)."""
+        self._attach()
         self._armed = self._once = True
 
     def _settle(self) -> None:
@@ -299,12 +311,14 @@ class LayerProbe:
 
     @contextmanager
     def armed(self) -> Iterator[None]:
+        self._attach()
         self._armed = True
         try:
             yield
         finally:
             self._settle()
-            self._armed = False
+            self._armed = self._once = False
+            self.remove()
 
     # -- gradients and updates, around optimizer.step() on a logged step -------
 
@@ -330,6 +344,8 @@ class LayerProbe:
 
     def rows(self, step: int) -> dict[str, list[dict[str, Any]]]:
         """Rows for activations, layer_statistics and layer_histograms; resets the probe."""
+        if not self.layers:  # `layers=[]`, or a model without a layer the probe knows
+            return {"activations": [], "layer_statistics": [], "layer_histograms": []}
         layers = [layer for layer in self.layers if layer.name in self._captured]
         acts = [self._captured[layer.name][0].float() for layer in layers]
         weights = [layer.weight.detach() for layer in self.layers]
