@@ -36,6 +36,8 @@ from livetrain.trainer.framework import (
     percent,
 )
 
+# Where the training loss is when training_step returns none (manual optimization).
+TRAINING_LOSS = ("train_loss", "train/loss", "train_loss_step", "loss")
 VALIDATION_LOSS = ("val_loss", "val/loss", "validation_loss", "valid_loss")
 VALIDATION_ACCURACY = ("val_acc", "val/acc", "val_accuracy", "validation_accuracy",
                        "valid_acc")
@@ -150,6 +152,9 @@ class LiveTrainingCallback(pl.Callback):
         if run is None:
             return
         loss = as_loss(outputs)
+        if loss is None and (logged := metric(trainer.callback_metrics, TRAINING_LOSS)) \
+                is not None:
+            loss = torch.tensor(logged)  # what the module logged with self.log this step
         if loss is not None:
             self._losses.append(loss)
         if trainer.global_step == self._stepped:

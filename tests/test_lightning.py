@@ -393,3 +393,27 @@ def test_the_row_of_the_applied_step_shows_the_lr_its_update_used(
     assert used[session.step] == pytest.approx(LR)  # the applied step's update: the old lr
     assert {step: lr for step, lr in rows if step in used} == pytest.approx(
         {step: used[step] for step, _ in rows if step in used})
+
+
+class SilentManualMLP(ManualDigitsMLP):
+    """Manual optimization whose training_step returns nothing and logs its loss."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        outputs = super().training_step(batch, batch_idx)
+        self.log("train_loss", outputs["loss"])
+
+
+def test_a_step_that_returns_nothing_logs_the_loss_it_logged(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    trainer, callback = trainer_for(tmp_path, sqlite_url, "silent", log_every=5)
+    trainer.fit_loop.epoch_loop.max_steps = 20
+    module = SilentManualMLP()
+    trainer.fit(module, *digits_loaders())
+    assert callback.run is not None and callback.run.status == "finished"
+    sql = SqlClient(sqlite_url)
+    losses = sql.rows("SELECT step, train_loss FROM statistics WHERE run_id = :r AND step > 0",
+                      r=callback.run.run_id)
+    sql.close()
+    assert [step for step, _ in losses] == [5, 10, 15, 20]
+    assert all(loss is not None and 0 < loss < 5 for _, loss in losses), losses
