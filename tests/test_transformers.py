@@ -52,7 +52,8 @@ class TokenRule(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[index], "attention_mask": torch.ones(SEQUENCE, dtype=torch.long),
+        return {"input_ids": self.ids[index],
+                "attention_mask": torch.ones(SEQUENCE, dtype=torch.long),
                 "labels": self.labels[index]}
 
 
