@@ -69,8 +69,9 @@ class TransformersRun(FrameworkRun):
 class LiveTrainingCallback(TrainerCallback):
     """Watch and steer a transformers Trainer run from the board, through the database.
 
-    `db` is a database URL (default: $LIVETRAIN_DB, else the embedded SQLite file),
-    `name` the run's name on the board, `log_every` the steps between two logged rows.
+    `db` is a database URL (default: $DATABASE_URL, else training.db in the working
+    directory), `name` the run's name on the board, `log_every` the steps between two
+    logged rows.
     Further keyword arguments go to LiveRun (`checkpoint_every`, `layers`, `config`...).
     """
 
