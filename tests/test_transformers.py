@@ -8,7 +8,8 @@ downloaded); a second thread plays the user at a plain SQL client, UPDATEs the r
   the new base times its own schedule's factor (both param groups follow); a pause
   that holds `state.global_step`; a stop that ends `train()` normally, with the
   Trainer's evaluations and the attention layers' telemetry in the database;
-- an optimizer switch, refused with the reason, while the run trains on with AdamW;
+- an optimizer switch, refused with the reason, while the run trains on with AdamW and
+  takes the next change (lr, weight decay on the decay group only, every dropout);
 - a rollback that puts the checkpoint's weights into the live model, and a clipping
   change that reaches `args.max_grad_norm`;
 - (a strict xfail, a livetrain bug) the update after a rollback runs at the lr the
@@ -226,8 +227,8 @@ def test_sql_steers_lr_pause_and_stop(tmp_path: Path, db_url: str) -> None:
 
 
 def steer_optimizer_switch(url: str, trainer: Trainer) -> tuple[str, int]:
-    """Ask for SGD (refused), then for an lr with the optimizer in force; the refusal's
-    message and the lr change's applied step."""
+    """Ask for SGD (refused), then, with the optimizer in force, for an lr, a weight
+    decay and a dropout; the refusal's message and the change's applied step."""
     sql = SqlClient(url)
     run_id = run_of(sql)
     trained_to(trainer, 10)
@@ -237,7 +238,8 @@ def steer_optimizer_switch(url: str, trainer: Trainer) -> tuple[str, int]:
         "AND code = 'parameters_rejected'", r=run_id, v=version))
     trained_to(trainer, refused_at + 10)  # still training
     step, lr, optimizer, *_ = acknowledged(sql, run_id, submit(
-        sql, run_id, "optimizer = 'AdamW', learning_rate = 0.0005"))
+        sql, run_id, "optimizer = 'AdamW', learning_rate = 0.0005, weight_decay = 0.05, "
+        "dropout = 30"))
     assert (lr, optimizer) == (5e-4, "AdamW") and step > refused_at
     trained_to(trainer, step + 5)
     submit(sql, run_id, "stop_train = TRUE")
@@ -259,6 +261,11 @@ def test_an_optimizer_switch_is_refused_and_the_run_trains_on(
     factor = trainer.lr_scheduler.lr_lambdas[0]
     assert logged[lr_step] == pytest.approx(B0 * factor(lr_step - 1), rel=1e-9)
     assert logged[lr_step + 1] == pytest.approx(5e-4 * factor(lr_step), rel=1e-9)
+    # Weight decay: the no-decay group stays at none. Dropout: every layer, attention's
+    # too (BERT's attention reads its Dropout's p).
+    assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05, 0.0]
+    dropouts = [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) >= 5 and set(dropouts) == {0.3}
     assert callback.run.status == "stopped"
 
 
