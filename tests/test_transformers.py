@@ -77,16 +77,16 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 
 def live_trainer(tmp_path: Path, url: str, warmup: int = 20, schedule: str = "linear",
                  log_every: int = 10, **options: Any) -> tuple[Trainer, LiveTrainingCallback]:
-    """A Trainer with two param groups (weight decay and none), warmup then linear decay,
-    a log per step and an evaluation every 40 steps; the callback logs every 10."""
+    """A Trainer with two param groups (weight decay and none), `warmup` steps then the
+    `schedule` (linear decay), a log per step and an evaluation every 40 steps; the
+    callback logs every `log_every` steps and takes the LiveRun `options`."""
     callback = LiveTrainingCallback(db=url, name="hf-test", log_every=log_every,
                                     checkpoint_dir=tmp_path / "checkpoints", **options)
     args = TrainingArguments(
         output_dir=str(tmp_path / "hf"), max_steps=MAX_STEPS, per_device_train_batch_size=16,
         learning_rate=B0, weight_decay=0.01, warmup_steps=warmup, lr_scheduler_type=schedule,
-        eval_strategy="steps",
-        eval_steps=40, logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True,
-        use_cpu=True, seed=0)
+        eval_strategy="steps", eval_steps=40, logging_steps=1, report_to=[],
+        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=TokenRule(512, 0),
                       eval_dataset=TokenRule(64, 1), compute_metrics=accuracy,
                       callbacks=[callback])
@@ -104,8 +104,8 @@ def train_while(trainer: Trainer, callback: LiveTrainingCallback,
             outcome["value"] = steer()
         except BaseException as exc:
             outcome["error"] = exc
-            if callback.run is not None:
-                callback.run.request_stop()
+            wait_for("the run, to stop it", lambda: callback.run is not None)
+            callback.run.request_stop()
 
     thread = threading.Thread(target=play, daemon=True)
     thread.start()
