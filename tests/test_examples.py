@@ -66,3 +66,25 @@ def test_example_defaults_finish(tmp_path: Path, example: str) -> None:
     name, steps = DEFAULT_RUNS[example]
     assert f"finished after {steps} steps" in result.stdout
     check_finished_run(f"sqlite:///{tmp_path / 'training.db'}", name, last_step=steps)
+
+
+def test_hf_example_trains_a_tiny_bert(tmp_path: Path) -> None:
+    """The transformers example: a real Trainer with the callback, a few logs and two
+    evaluations, on SQLite; every row has a training loss, the evaluations are there."""
+    db = f"sqlite:///{tmp_path / 'hf.db'}"
+    result = run_example("hf_text_classification.py", tmp_path, "--db", db,
+                         "--name", "hf-test", "--max-steps", "40", "--log-every", "10")
+    assert "finished after 40 steps" in result.stdout
+    sql = SqlClient(db)
+    run_id, status = sql.one("SELECT run_id, status FROM runs WHERE name = 'hf-test'")
+    assert status == "finished"
+    rows = sql.rows("SELECT step, train_loss, validate_loss, validate_accuracy FROM statistics "
+                    "WHERE run_id = :r ORDER BY step", r=run_id)
+    assert [row[0] for row in rows] == [10, 20, 30, 40]
+    assert all(loss is not None and loss > 0 for _, loss, _, _ in rows)
+    validated = [(step, acc) for step, _, v_loss, acc in rows if v_loss is not None]
+    assert [step for step, _ in validated] == [20, 40]
+    assert all(0 <= acc <= 100 for _, acc in validated)
+    assert sql.one("SELECT count(*) FROM layer_statistics WHERE run_id = :r AND layer_name "
+                   "LIKE '%attention.self.query%'", r=run_id)[0] > 0
+    sql.close()
