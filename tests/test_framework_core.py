@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from sqlalchemy import create_engine, text
 from torch import nn
@@ -188,3 +189,20 @@ def test_the_probe_hooks_the_model_only_while_it_records(
     rows = {(r["step"], r["layer_name"]): r for r in layer_rows(sqlite_url, run.run_id)}
     assert rows[(10, "0")]["act_mean"] is not None  # recorded through the hooks
     assert rows[(10, "2")]["act_mean"] is not None
+
+
+def test_after_a_rollback_the_groups_follow_the_schedule(tmp_path: Path, sqlite_url: str) -> None:
+    """The schedule goes on from where it is (a framework's step counter does not roll
+    back): the update after a rollback runs at the schedule's lr, not the checkpoint's."""
+    model, optimizer = model_and_optimizer()
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.1)
+    with LiveRun(model, optimizer, db=sqlite_url, log_every=5, checkpoint_dir=tmp_path,
+                 checkpoint_every=5, scheduler=schedule, handle_signals=False) as run:
+        for _ in range(8):
+            train(run, model, 1)
+            schedule.step()
+        assert schedule.get_last_lr() == [pytest.approx(1e-4)]  # 1e-2 x 0.1 x 0.1
+        run.ring.flush()
+        run.control.roll_back(5)
+        assert run.global_step == 5
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)

@@ -344,11 +344,6 @@ def steer_rollback_in_warmup(url: str, trainer: Trainer) -> None:
     assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx(scheduled, rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="livetrain bug: a rollback rebuilds the param groups' lr "
-                   "from the checkpoint's saved base lr (checkpointing._groups), dropping the "
-                   "schedule's factor: until the scheduler's next step the optimizer runs at "
-                   "the full base lr, while the Trainer's schedule (which goes on) says and "
-                   "logs base x factor")
 def test_the_update_after_a_rollback_uses_the_schedules_lr(
     tmp_path: Path, sqlite_url: str
 ) -> None:
@@ -399,10 +394,6 @@ def steer_one_change(url: str, trainer: Trainer) -> int:
     return step
 
 
-@pytest.mark.xfail(strict=True, reason="livetrain bug (FrameworkRun.defer_logs, as in "
-                   "Lightning): a step's deferred row is written at the next step's start, "
-                   "after the change applied at its step, so the row of the applied step shows "
-                   "the new lr although that step's update used the old one")
 def test_each_row_shows_the_lr_its_step_used(tmp_path: Path, sqlite_url: str) -> None:
     """With a constant schedule and a row at every step, the row of step s shows the lr
     the Trainer logged for s (the lr its update used); a plain LiveRun loop logs so."""

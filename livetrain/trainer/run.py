@@ -44,6 +44,7 @@ from livetrain.trainer.signals import StopSignal
 from livetrain.trainer.steering import (
     RefusedError,
     apply_parameters,
+    follow_schedules,
     learning_rate_in_force,
     optimizer_name,
 )
@@ -458,16 +459,13 @@ class LiveRun:
         fail: it was checked); later rows become a branch."""
         self.model.load_state_dict(loaded.model_state)  # copies into the optimizer's params
         loaded.model_state.clear()  # the model holds the weights now: no second copy kept
-        old_base = self.control.params.learning_rate
-        if type(loaded.optimizer) is type(self.optimizer):  # in place: references stay valid
-            self.optimizer.load_state_dict(loaded.optimizer.state_dict())
+        was = self.optimizer
+        if type(loaded.optimizer) is type(was):  # in place: references stay valid
+            was.load_state_dict(loaded.optimizer.state_dict())
         else:  # the checkpoint predates an optimizer switch
             self.replace_optimizer(loaded.optimizer)
-        for scheduler in self.schedulers:
-            scheduler.optimizer = self.optimizer
-            if isinstance(getattr(scheduler, "base_lrs", None), list):
-                factor = loaded.parameters.learning_rate / old_base
-                scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        follow_schedules(self.optimizer, self.schedulers, was,
+                         loaded.parameters.learning_rate / self.control.params.learning_rate)
         set_dropout(self.model, loaded.parameters.dropout / 100)
         self.writer.rollback(found.step)
         self.ring.forget_after(found.step)

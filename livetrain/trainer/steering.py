@@ -94,6 +94,29 @@ def rescale_learning_rates(optimizer: torch.optim.Optimizer, schedulers: Sequenc
                 setattr(scheduler, name, [v * factor for v in values])
 
 
+def follow_schedules(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any],
+                     was: torch.optim.Optimizer, factor: float) -> None:
+    """After a rollback: the schedulers of the rolled-back optimizer (`was`) move to
+    `optimizer`, their lrs scaled by `factor` (the checkpoint's base lr over the one in
+    force), and its groups take the lr the schedule is at. The schedule goes on from its
+    position (a framework's own step counter does not roll back), so its next step and
+    the update before it agree; the checkpoint's lrs were those of another position."""
+    for scheduler in schedulers:
+        held = getattr(scheduler, "optimizer", None)  # maybe accelerate's wrapper of `was`
+        if held is not was and getattr(held, "optimizer", None) is not was:
+            continue  # another optimizer's scheduler (Lightning's manual optimization)
+        if optimizer is not was:
+            scheduler.optimizer = optimizer
+        for name in SCHEDULER_LR_LISTS:
+            values = getattr(scheduler, name, None)
+            if isinstance(values, list) and all(isinstance(v, int | float) for v in values):
+                setattr(scheduler, name, [v * factor for v in values])
+        last = getattr(scheduler, "_last_lr", None)
+        if isinstance(last, list) and len(last) == len(optimizer.param_groups):
+            for group, lr in zip(optimizer.param_groups, last, strict=True):
+                group["lr"] = lr
+
+
 def set_weight_decay(optimizer: torch.optim.Optimizer, old: float, new: float) -> None:
     """Group 0's weight decay becomes `new`; the others keep their ratio to it. When group
     0 had none there is no ratio to keep: every group takes `new`, except a further group
