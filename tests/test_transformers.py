@@ -407,3 +407,17 @@ def test_each_row_shows_the_lr_its_step_used(tmp_path: Path, sqlite_url: str) ->
     sql.close()
     assert (used[applied], used[applied + 1]) == (B0, B0 / 2)
     assert {step: rows[step] for step in used} == used
+
+
+def test_each_row_shows_the_lr_the_schedule_gave_its_step(tmp_path: Path, sqlite_url: str) -> None:
+    """With the linear schedule (warmup, then decay) the optimizer already holds the next
+    step's lr when the step's callback runs; the row shows the one its update used."""
+    trainer, callback = live_trainer(tmp_path, sqlite_url, warmup=5, log_every=1)
+    train_while(trainer, callback, lambda: steer_one_change(sqlite_url, trainer))
+    used = {e["step"]: e["learning_rate"] for e in trainer.state.log_history
+            if "learning_rate" in e}
+    sql = SqlClient(sqlite_url)
+    rows = dict(sql.rows("SELECT step, learning_rate FROM statistics WHERE step > 0"))
+    sql.close()
+    assert len(set(used.values())) > 10  # the schedule moved the lr at every step
+    assert {step: rows[step] for step in used} == pytest.approx(used, rel=1e-9)

@@ -114,7 +114,7 @@ class Logbook:
             lr: float | None = None) -> None:
         """One statistics row plus per-layer telemetry for the current step, with the
         parameters and lr its update ran with (given for a deferred log: a change may
-        have been applied at the step's boundary since; else the ones in force).
+        have been applied at the step's boundary since).
 
         Under torchrun the training figures are summed over the ranks, and rank 0
         validates and writes while the others wait for what it decided.
@@ -123,7 +123,7 @@ class Logbook:
         interval = run.metrics.summary(run.ranks.sum)
         if run.ranks.is_main:
             self.write(full_validation, interval, ran_with or run.control.params,
-                       learning_rate_in_force(run.optimizer) if lr is None else lr)
+                       run.lr_of_last_update() if lr is None else lr)
         control = run.control
         control.paused, run.finishing = run.ranks.any(control.paused, run.finishing)
         self.last_logged = run.global_step

@@ -398,11 +398,16 @@ class LiveRun:
         if self.updates.logging:
             full = self._end_of_epoch() or self.finishing
             if self.defer_logs:
-                self.log_due = (full, self.control.params, learning_rate_in_force(self.optimizer))
+                self.log_due = (full, self.control.params, self.lr_of_last_update())
             else:
                 self.logbook.log(full_validation=full)
         if self.global_step % self.checkpoint_every == 0:
             self.checkpoint("periodic")
+
+    def lr_of_last_update(self) -> float:
+        """Group 0's lr in the last update (before any: the one in force)."""
+        last = self.updates.last_lr
+        return learning_rate_in_force(self.optimizer) if last is None else last
 
     def _end_of_epoch(self) -> bool:
         """A full validation ends each epoch, unless epochs are shorter than a log."""

@@ -27,6 +27,9 @@ class UpdateHooks:
     def __init__(self, run: LiveRun) -> None:
         self.run = run
         self.logging = False  # the coming update belongs to a step that logs
+        # Group 0's lr in the last update: what a row shows, also when a scheduler (the
+        # Trainer's, after each update) has already moved the optimizer to the next one.
+        self.last_lr: float | None = None
         self._dropped = False
         self._measuring = False
         self._handles: list[RemovableHandle] = []
@@ -48,6 +51,7 @@ class UpdateHooks:
         return dropped
 
     def _before(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.last_lr = float(optimizer.param_groups[0]["lr"])
         if self.run.gradients_before_step:
             self.before_update(optimizer)
 
