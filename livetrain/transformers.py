@@ -107,6 +107,9 @@ class LiveTrainingCallback(TrainerCallback):
             args, model, _unwrapped(optimizer), grad_clip=float(args.max_grad_norm or 0.0),
             scheduler=None if scheduler is None else getattr(scheduler, "scheduler", scheduler),
             **options)
+        self.run.watch_loop("transformers.trainer", "_inner_training_loop")
+        if self._loss_hook is not None:  # a train() that ended in an exception
+            self._loss_hook.remove()
         self._loss_hook = model.register_forward_hook(self._capture_loss)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
@@ -120,6 +123,8 @@ class LiveTrainingCallback(TrainerCallback):
     # -- each step --------------------------------------------------------------------------
 
     def _capture_loss(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.run is None or self.run.status is not None:
+            return  # the run ended (an exception left train() without on_train_end)
         if module.training and (loss := as_loss(output)) is not None:
             self._losses.append(loss)
 

@@ -365,21 +365,28 @@ class BreaksAfter(TokenRule):
         return super().__getitem__(index)
 
 
-@pytest.mark.xfail(strict=True, reason="livetrain bug: transformers calls no callback when "
-                   "train() raises, so the callback never closes the run: it stays 'running' "
-                   "(no run_failed event, no dt_ended) with its threads, hooks and signal "
-                   "handlers left in place")
 def test_an_exception_in_train_fails_the_run(tmp_path: Path, sqlite_url: str) -> None:
+    """transformers calls no callback when train() raises: the run's loop watch sees the
+    training call left without on_train_end and ends the run 'failed', with its threads,
+    while the program that caught the exception goes on (a notebook)."""
     trainer, callback = live_trainer(tmp_path, sqlite_url)
     trainer.train_dataset = BreaksAfter(limit=16 * 15)  # in the 16th step's batch
     with pytest.raises(RuntimeError, match="a bad sample"):
         trainer.train()
     assert trainer.state.global_step >= 10
+    run = callback.run
+    deadline = time.monotonic() + 30
+    while run.status is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     sql = SqlClient(sqlite_url)
-    left = (callback.run.status, status(sql, callback.run.run_id))  # closing flushes the row
-    callback.run.close(RuntimeError("closed by the test"))  # give back threads and signals
+    left = (run.status, status(sql, run.run_id))
+    failed = sql.rows("SELECT message FROM events WHERE run_id = :r AND code = 'run_failed'",
+                      r=run.run_id)
     sql.close()
     assert left == ("failed", "failed")
+    assert len(failed) == 1 and "end-of-training hook" in failed[0][0]
+    threads = {t.name for t in threading.enumerate()}
+    assert not threads & {"db-listener", "livetrain-loop-watch"}, threads
 
 
 def steer_one_change(url: str, trainer: Trainer) -> int:

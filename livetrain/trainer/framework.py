@@ -15,7 +15,9 @@ from __future__ import annotations
 import atexit
 import math
 import sys
+import threading
 from collections.abc import Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
@@ -35,6 +37,9 @@ class FrameworkRun(LiveRun):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  others: Sequence[torch.optim.Optimizer] = (), **options: Any) -> None:
         self.other_optimizers = list(others)  # manual optimization's further optimizers
+        self.watch: LoopWatch | None = None
+        # Ctrl-C keeps the framework's own meaning (Lightning shuts down gracefully).
+        options.setdefault("handle_signals", False)
         super().__init__(model, optimizer, **options)
         # transformers has no exception hook for callbacks: when an error ends the process
         # inside its loop, the run still ends `failed`, with its last rows written.
@@ -42,7 +47,17 @@ class FrameworkRun(LiveRun):
 
     def close(self, error: BaseException | None = None) -> None:
         atexit.unregister(self._ended_inside_the_loop)
+        if self.watch is not None:
+            self.watch.close()
         super().close(error)
+
+    def watch_loop(self, module: str, function: str) -> None:
+        """Watch the framework's training call (`module.function`, found on this thread's
+        stack) for an exit without the end-of-training hook."""
+        frame = caller_frame(module, function)
+        if frame is not None:
+            self.watch = LoopWatch(self, frame)
+        del frame  # the watch keeps no reference to the loop's locals
 
     def _ended_inside_the_loop(self) -> None:
         error = getattr(sys, "last_value", None)  # the uncaught exception, once printed
@@ -64,6 +79,56 @@ class FrameworkRun(LiveRun):
     def set_grad_clip(self, max_norm: float) -> None:
         """Hand the board's clipping (0: off) to the framework's own clipping setting."""
         raise NotImplementedError
+
+
+class LoopWatch:
+    """Ends a run `failed` when the framework's training call is left without its
+    end-of-training hook: an exception that a notebook or the program around it caught
+    (transformers calls no callback on errors). It looks, once a second, whether the
+    training thread's stack still holds the frame of that call."""
+
+    PERIOD_SECONDS = 1.0
+
+    def __init__(self, run: LiveRun, loop_frame: FrameType) -> None:
+        self.run = run
+        self.thread_id = threading.get_ident()
+        self.frame_id, self.code = id(loop_frame), loop_frame.f_code  # no reference kept
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="livetrain-loop-watch",
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.done.set()
+
+    def _in_loop(self) -> bool:
+        frame = sys._current_frames().get(self.thread_id)
+        while frame is not None:
+            if id(frame) == self.frame_id and frame.f_code is self.code:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _watch(self) -> None:
+        while not self.done.wait(self.PERIOD_SECONDS):
+            if self.run.status is not None:
+                return
+            if not self._in_loop():
+                self.run.close(RuntimeError(
+                    "the training loop ended without its end-of-training hook (an exception "
+                    "inside it, caught by the program around it)"))
+                return
+
+
+def caller_frame(module: str, function: str) -> FrameType | None:
+    """The frame of `module.function` on this thread's stack (the framework's training
+    loop, seen from inside one of its callbacks); None when it is not there."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == function and frame.f_globals.get("__name__") == module:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def as_loss(value: Any) -> torch.Tensor | None:
