@@ -12,10 +12,10 @@ downloaded); a second thread plays the user at a plain SQL client, UPDATEs the r
   takes the next change (lr, weight decay on the decay group only, every dropout);
 - a rollback that puts the checkpoint's weights into the live model, and a clipping
   change that reaches `args.max_grad_norm`;
-- (strict xfails: livetrain bugs) the update after a rollback runs at the lr the
-  Trainer's schedule set, not at the checkpoint's base lr; an exception in `train()`
-  ends the run 'failed', as it does around a user's own loop; the row of the step a
-  change was applied at shows the lr that step's update used.
+- the update after a rollback runs at the lr the Trainer's schedule set, not at the
+  checkpoint's base lr; an exception in `train()` that the program catches ends the run
+  'failed', as it does around a user's own loop; each row shows the lr its step's update
+  used (the row of a change's applied step too), also while the schedule moves it.
 """
 
 from __future__ import annotations
