@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,38 @@ def test_after_a_rollback_the_groups_follow_the_schedule(tmp_path: Path, sqlite_
         run.control.roll_back(5)
         assert run.global_step == 5
         assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+class LockedOptimizerRun(LiveRun):
+    """A run whose framework, from some point on, cannot take another optimizer object
+    (as transformers' Trainer, or a Lightning strategy that owns its optimizer)."""
+
+    locked = False
+
+    def switch_refusal(self) -> str | None:
+        return "the framework holds its optimizer" if self.locked else None
+
+
+def test_a_rollback_across_a_switch_the_framework_refuses_is_rejected(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    model, optimizer = model_and_optimizer()
+    with LockedOptimizerRun(model, optimizer, db=sqlite_url, log_every=5,
+                            checkpoint_dir=tmp_path, checkpoint_every=5,
+                            handle_signals=False) as run:
+        train(run, model, 5)  # the Adam checkpoint of step 5
+        switched = dataclasses.replace(run.parameters, optimizer="SGD")
+        run.apply_parameters(run.parameters, switched)  # as the Controller does
+        run.control.params = switched
+        train(run, model, 3)
+        run.locked = True
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        assert run.control.roll_back(5) is None
+        assert run.global_step == 8  # nothing restored: training goes on from here
+        assert isinstance(run.optimizer, torch.optim.SGD)
+        assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+        train(run, model, 2)
+    rejected = [e for e in events(sqlite_url, run.run_id) if e["code"] == "parameters_rejected"]
+    assert len(rejected) == 1
+    assert "no rollback to step 5" in rejected[0]["message"]
+    assert "the framework holds its optimizer" in rejected[0]["message"]

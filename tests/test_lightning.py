@@ -105,9 +105,9 @@ class ManualDigitsMLP(DigitsMLP):
 
 
 def gradient_norm(module: nn.Module) -> float:
-    return torch.linalg.vector_norm(torch.stack([
-        torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None
-    ])).item()
+    """0 when the gradients were dropped (a non-finite update refused)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
 
 
 # -- the user at an SQL client, beside the fit --------------------------------------------
@@ -417,3 +417,47 @@ def test_a_step_that_returns_nothing_logs_the_loss_it_logged(
     sql.close()
     assert [step for step, _ in losses] == [5, 10, 15, 20]
     assert all(loss is not None and 0 < loss < 5 for _, loss in losses), losses
+
+
+class BlowsUp(DigitsMLP):
+    """The MLP whose 8th batch yields a NaN loss (a corrupt sample would): its backward
+    pass fills the gradients with NaN."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        outputs = super().training_step(batch, batch_idx)
+        if self.trainer.global_step == 7:
+            outputs["loss"] = outputs["loss"] * float("nan")
+        return outputs
+
+
+def test_a_blow_up_pauses_the_fit_before_the_update(tmp_path: Path, sqlite_url: str) -> None:
+    """As in train.py: the non-finite update is dropped, the run pauses with the reason
+    and a fix, the weights stay finite; a stop from SQL then ends the paused fit."""
+    trainer, callback = trainer_for(tmp_path, sqlite_url, "blows-up", log_every=10)
+    module = BlowsUp()
+    seen: dict[str, Any] = {}
+
+    def watch() -> None:
+        sql = SqlClient(sqlite_url)
+        try:
+            wait_for("the run paused", lambda: sql.one(
+                "SELECT status FROM runs WHERE status = 'paused'"))
+            seen["finite"] = all(bool(torch.isfinite(p).all()) for p in module.parameters())
+            seen["event"] = sql.one("SELECT step, message, fix FROM events "
+                                    "WHERE code = 'non_finite'")
+            sql.execute("UPDATE parameters SET stop_train = TRUE, version = version + 1")
+        finally:
+            sql.close()
+            if "event" not in seen and callback.run is not None:
+                callback.run.request_stop()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    trainer.fit(module, digits_loaders()[0])
+    watcher.join(timeout=60)
+    assert callback.run is not None and callback.run.status == "stopped"
+    assert seen["finite"] is True
+    step, message, fix = seen["event"]
+    assert "loss is nan at step 8" in message and "paused before the update" in message
+    assert step == callback.run.global_step == 7  # the 8th update was never applied
+    assert "learning_rate" in str(fix)
