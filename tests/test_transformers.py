@@ -375,9 +375,8 @@ def test_an_exception_in_train_fails_the_run(tmp_path: Path, sqlite_url: str) ->
         trainer.train()
     assert trainer.state.global_step >= 10
     run = callback.run
-    deadline = time.monotonic() + 30
-    while run.status is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    assert run.watch is not None
+    run.watch.thread.join(timeout=30)  # the watch ends the run, then its threads, then itself
     sql = SqlClient(sqlite_url)
     left = (run.status, status(sql, run.run_id))
     failed = sql.rows("SELECT message FROM events WHERE run_id = :r AND code = 'run_failed'",
