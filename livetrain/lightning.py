@@ -96,9 +96,7 @@ class LiveTrainingCallback(pl.Callback):
                  val_accuracy: str | Sequence[str] = VALIDATION_ACCURACY,
                  **options: Any) -> None:
         self.options = {"db": db, "name": name, "log_every": log_every, **options}
-        self.val_loss = (val_loss,) if isinstance(val_loss, str) else tuple(val_loss)
-        self.val_accuracy = (val_accuracy,) if isinstance(val_accuracy, str) \
-            else tuple(val_accuracy)
+        self.val_loss, self.val_accuracy = val_loss, val_accuracy
         self.run: LightningRun | None = None
         self._losses: list[torch.Tensor] = []  # this optimizer step's micro-batches
         self._stepped = 0  # trainer.global_step at the last counted step

@@ -82,9 +82,7 @@ class LiveTrainingCallback(TrainerCallback):
                  eval_accuracy: str | Sequence[str] = VALIDATION_ACCURACY,
                  **options: Any) -> None:
         self.options = {"db": db, "name": name, "log_every": log_every, **options}
-        self.eval_loss = (eval_loss,) if isinstance(eval_loss, str) else tuple(eval_loss)
-        self.eval_accuracy = (eval_accuracy,) if isinstance(eval_accuracy, str) \
-            else tuple(eval_accuracy)
+        self.eval_loss, self.eval_accuracy = eval_loss, eval_accuracy
         self.run: TransformersRun | None = None
         self._losses: list[torch.Tensor] = []  # this update's micro-batch losses
         self._loss_hook: Any = None

@@ -148,9 +148,9 @@ def mean_loss(losses: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.stack([loss.float().mean() for loss in losses]).mean()
 
 
-def metric(metrics: Mapping[str, Any], names: Sequence[str]) -> float | None:
-    """The first of `names` that `metrics` holds as a finite or non-finite number."""
-    for name in names:
+def metric(metrics: Mapping[str, Any], names: str | Sequence[str]) -> float | None:
+    """The first of `names` (or the one name) that `metrics` holds as a number."""
+    for name in (names,) if isinstance(names, str) else names:
         value = metrics.get(name)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
