@@ -35,6 +35,7 @@ from transformers import (
     BertForSequenceClassification,
     EvalPrediction,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -427,3 +428,55 @@ def test_each_row_shows_the_lr_the_schedule_gave_its_step(tmp_path: Path, sqlite
     sql.close()
     assert len(set(used.values())) > 10  # the schedule moved the lr at every step
     assert {step: rows[step] for step in used} == pytest.approx(used, rel=1e-9)
+
+
+# -- a pause at an evaluation step ------------------------------------------------------
+
+
+class PauseAt(TrainerCallback):
+    """Plays the user who presses Pause just as step `step` ends: the pause is in the
+    run's listener before the LiveTrainingCallback (listed after this one) takes the
+    step's boundary, so the run pauses at exactly that step."""
+
+    def __init__(self, url: str, live: LiveTrainingCallback, step: int) -> None:
+        self.url, self.live, self.step = url, live, step
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any,
+                    **kwargs: Any) -> None:
+        if state.global_step != self.step:
+            return
+        sql = SqlClient(self.url)
+        submit(sql, self.live.run.run_id, "pause_train = TRUE")
+        sql.close()
+        wait_for("the pause, in the listener", self.live.run.listener.changed.is_set)
+
+
+def steer_resume_and_stop(url: str, trainer: Trainer) -> tuple[tuple, int]:
+    """While paused: the paused step's row as the board sees it, and the step held."""
+    sql = SqlClient(url)
+    run_id = run_of(sql)
+    wait_for("the pause", lambda: status(sql, run_id) == "paused", timeout=120)
+    seen = sql.one("SELECT step, validate_loss FROM statistics WHERE run_id = :r "
+                   "ORDER BY step DESC LIMIT 1", r=run_id)
+    held = trainer.state.global_step
+    submit(sql, run_id, "pause_train = FALSE")
+    trained_to(trainer, held + 5)
+    submit(sql, run_id, "stop_train = TRUE")
+    sql.close()
+    return seen, held
+
+
+def test_a_pause_at_an_evaluation_step_keeps_the_evaluation_in_its_row(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Step 40 logs and evaluates: a pause taken there holds after the evaluation, whose
+    figures are in step 40's row while the board waits (not moved to a later row)."""
+    trainer, callback = live_trainer(tmp_path, db_url)
+    trainer.callback_handler.callbacks.insert(  # ahead of the LiveTrainingCallback
+        trainer.callback_handler.callbacks.index(callback), PauseAt(db_url, callback, 40))
+    (step, loss), held = train_while(trainer, callback,
+                                     lambda: steer_resume_and_stop(db_url, trainer))
+    evaluated = [e for e in trainer.state.log_history if e.get("step") == 40
+                 and "eval_loss" in e]
+    assert held == 40 and step == 40
+    assert len(evaluated) == 1 and loss == pytest.approx(evaluated[0]["eval_loss"])

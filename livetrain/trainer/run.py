@@ -280,7 +280,7 @@ class LiveRun:
     def _finish(self) -> None:
         stopped = self.control.stopping or self.control.stop_asked
         status = "stopped" if stopped else "finished"
-        self.flush_log()
+        self._write_due_log()
         if self.global_step != self.logbook.last_logged:
             self.logbook.log(full_validation=True)  # the final validation
         self.checkpoint("final", wait=True)
@@ -346,10 +346,19 @@ class LiveRun:
             {"loss": loss, "accuracy": accuracy, "loss_std": loss_std, "batches": batches})
 
     def flush_log(self) -> None:
-        """Write a log that waited for the framework's validation (see `defer_logs`), or,
-        when a validation was reported between two logs, a row for it at this step."""
+        """At a framework's step start: write the last step's log, which waited for the
+        framework's validation (see `defer_logs`), or, when a validation was reported
+        between two logs, a row for it at this step. A pause the board asked for at the
+        last step holds here, after that validation, so its row shows while it waits."""
         if self.status is not None:
             return
+        held = self.log_due is not None and self.control.paused
+        self._write_due_log()
+        if held:
+            self.control.wait_while_paused()
+            self._prepare_next_step()
+
+    def _write_due_log(self) -> None:
         due, self.log_due = self.log_due, None
         if due is not None:
             self.logbook.log(*due)
@@ -380,8 +389,8 @@ class LiveRun:
     def _boundary(self) -> None:
         """Between two steps: adopt what the board asks, wait while it pauses the run."""
         self.control.poll()
-        if self.control.paused:
-            self.flush_log()  # the board shows where the run stands while it waits
+        if self.control.paused and self.log_due is None:  # else it holds in flush_log
+            self._write_due_log()  # the board shows where the run stands while it waits
             self.control.wait_while_paused()
         self._prepare_next_step()
 
