@@ -36,6 +36,7 @@ from livetrain.trainer.framework import (
     FrameworkRun,
     as_loss,
     json_safe,
+    loop_variable,
     mean_loss,
     metric,
     percent,
@@ -55,10 +56,22 @@ class TransformersRun(FrameworkRun):
     def __init__(self, args: TrainingArguments, model: nn.Module,
                  optimizer: torch.optim.Optimizer, **options: Any) -> None:
         self.args = args
+        self._last_norm: torch.Tensor | float | None = None
         super().__init__(model, optimizer, **options)
 
     def set_grad_clip(self, max_norm: float) -> None:
         self.args.max_grad_norm = max_norm  # read by the Trainer before each update
+
+    def known_gradient_norm(self) -> torch.Tensor | float | None:
+        """The norm the Trainer computed before this update (it does before every one, to
+        log it and to clip): its loop's `grad_norm`. A value already seen is the last
+        update's (a subclass that steps the optimizer itself): then, or where the loop
+        holds none, the check computes its own."""
+        norm = loop_variable("transformers.trainer", "grad_norm")
+        if not isinstance(norm, torch.Tensor | float) or norm is self._last_norm:
+            return None
+        self._last_norm = norm
+        return norm
 
     def switch_refusal(self) -> str | None:
         return "the transformers Trainer builds its optimizer once and accelerate holds it, " \

@@ -20,6 +20,7 @@ downloaded); a second thread plays the user at a plain SQL client, UPDATEs the r
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from livetrain.transformers import LiveTrainingCallback
+from livetrain.transformers import LiveTrainingCallback, TransformersRun
 
 MAX_STEPS = 100_000  # far away: a stop from SQL ends every run here
 SEQUENCE = 16
@@ -480,3 +481,56 @@ def test_a_pause_at_an_evaluation_step_keeps_the_evaluation_in_its_row(
                  and "eval_loss" in e]
     assert held == 40 and step == 40
     assert len(evaluated) == 1 and loss == pytest.approx(evaluated[0]["eval_loss"])
+
+
+# -- a blow-up: the check before the update reads the Trainer's own gradient norm -------
+
+
+class NanAtStep(Trainer):
+    """A Trainer whose 8th update's loss is multiplied by NaN after the model's forward
+    (a corrupt batch would do it): the gradients of that update are NaN."""
+
+    def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step == 7 else loss
+
+
+def steer_stop_when_paused(url: str, trainer: Trainer) -> tuple[bool, tuple]:
+    """Wait for the pause, note whether the weights are finite and the event, stop."""
+    sql = SqlClient(url)
+    run_id = run_of(sql)
+    wait_for("the pause", lambda: status(sql, run_id) == "paused", timeout=120)
+    finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+    event = sql.one("SELECT step, message FROM events WHERE run_id = :r "
+                    "AND code = 'non_finite'", r=run_id)
+    submit(sql, run_id, "stop_train = TRUE")
+    sql.close()
+    return finite, event
+
+
+def test_a_nan_gradient_is_dropped_before_the_update_and_pauses(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """The check before each update uses the norm the Trainer computed (the norms it
+    read are the Trainer's logged `grad_norm`s); step 8's is NaN: that update is
+    dropped, the weights stay finite, and the run pauses with the reason."""
+    trainer, callback = live_trainer(tmp_path, sqlite_url, log_every=5)
+    trainer.__class__ = NanAtStep
+    read: list[float | None] = []
+    original = TransformersRun.known_gradient_norm
+
+    def recording(run: TransformersRun) -> torch.Tensor | float | None:
+        norm = original(run)
+        read.append(None if norm is None else float(norm))
+        return norm
+
+    TransformersRun.known_gradient_norm = recording  # type: ignore[method-assign]
+    try:
+        finite, (step, message) = train_while(
+            trainer, callback, lambda: steer_stop_when_paused(sqlite_url, trainer))
+    finally:
+        TransformersRun.known_gradient_norm = original  # type: ignore[method-assign]
+    logged = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    assert finite and step == 7
+    assert "gradients are not finite at step 8" in message
+    assert read[:7] == pytest.approx(logged[:7], rel=1e-6) and math.isnan(read[7])

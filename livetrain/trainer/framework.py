@@ -131,6 +131,21 @@ def caller_frame(module: str, function: str) -> FrameType | None:
     return None
 
 
+def loop_variable(module: str, name: str) -> Any:
+    """The value of local variable `name` in the innermost frame of `module` on this
+    thread's stack that holds one (a figure the framework's loop computed and handed no
+    callback); None when no such frame holds it."""
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_globals.get("__name__") == module and name in frame.f_code.co_varnames:
+                return frame.f_locals.get(name)
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
 def as_loss(value: Any) -> torch.Tensor | None:
     """The training loss in what a framework's step returned: a tensor, or a mapping's
     "loss" (a Lightning training_step dict, a transformers ModelOutput); None without one."""

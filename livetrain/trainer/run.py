@@ -506,6 +506,12 @@ class LiveRun:
         """Why this run cannot put a new optimizer object in force (None: it can)."""
         return None
 
+    def known_gradient_norm(self) -> torch.Tensor | float | None:
+        """The coming update's total gradient norm, where the framework has computed it
+        already (the finiteness check before the update then reads it instead of
+        computing it again); None: the check computes it."""
+        return None
+
     def replace_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Put a new optimizer in force: a switch, or a rollback across one."""
         self.optimizer = optimizer  # the hooks follow it

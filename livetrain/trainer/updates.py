@@ -65,6 +65,8 @@ class UpdateHooks:
         clip = self.run.control.params.grad_clip if self.run.clips_in_hook else 0.0
         if clip > 0:
             total = nn.utils.clip_grad_norm_(params, clip)
+        elif (known := self.run.known_gradient_norm()) is not None:
+            total = torch.as_tensor(known)
         else:
             total = nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(total):  # the update would spread NaN or inf into the weights
