@@ -33,6 +33,7 @@ class FrameworkRun(LiveRun):
 
     clips_in_hook = False
     defer_logs = True
+    final_checkpoint = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  others: Sequence[torch.optim.Optimizer] = (), **options: Any) -> None:

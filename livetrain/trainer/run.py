@@ -94,6 +94,10 @@ class LiveRun:
     # Whether a log waits for `flush_log()`: a framework validates after the step's
     # callback returns, and that validation belongs in the step's row.
     defer_logs = False
+    # Whether the end of the run saves a checkpoint: what `resume` continues from. A
+    # framework keeps its trained model with its own checkpointing, and a rollback ends
+    # with the run.
+    final_checkpoint = True
 
     def __init__(
         self,
@@ -283,7 +287,8 @@ class LiveRun:
         self._write_due_log()
         if self.global_step != self.logbook.last_logged:
             self.logbook.log(full_validation=True)  # the final validation
-        self.checkpoint("final", wait=True)
+        if self.final_checkpoint:
+            self.checkpoint("final", wait=True)
         self.writer.event("info", f"run_{status}", f"run {status} at step {self.global_step}, "
                           f"epoch {self.epoch}", step=self.global_step)
         self.status = status
