@@ -32,10 +32,11 @@ again at every step, a noise of up to 20 % that has nothing to do with livetrain
 
     python -m bench.frameworks [--rounds 5] [--steps 300] [--hf-steps 200]
 
-The callbacks' cost is mostly a fixed ~1 ms a step (the step's bookkeeping, the
-gradient check before each update, a log's telemetry every 50 steps): 1 to 2 % of
-these steps (55 to 65 ms here), 5 to 10 % of a 20 ms step of a toy 0.2 M-parameter BERT
-(hidden 64), which is why the transformers pair uses a BERT size that is trained.
+The callbacks' cost is mostly a fixed ~0.5 ms a step (the step's bookkeeping, and a
+log's telemetry every 50 steps; under transformers the gradient check before each
+update reads the norm the Trainer computed, under Lightning it computes it): 1 to 2 %
+of these steps (55 to 80 ms here), 5 to 10 % of a 20 ms step of a toy 0.2 M-parameter
+BERT (hidden 64), which is why the transformers pair uses a BERT size that is trained.
 """
 
 from __future__ import annotations
