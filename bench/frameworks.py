@@ -1,36 +1,46 @@
 """Framework callbacks' overhead: each framework's own Trainer with and without livetrain's
 `LiveTrainingCallback`, on the same steps.
 
-Two pairs of variants, each run in a fresh process, interleaved in rounds (the pair's
-order alternates from round to round, so a slow drift of the machine weighs on both):
-  lightning       a Lightning 2.x Trainer fitting train.py's small CNN on mnist5k
-                  (batch 64, Adam at 3e-4, no validation loop), without a callback;
-  lightning+live  the same, with livetrain.lightning.LiveTrainingCallback (SQLite in a
-                  temporary folder, log_every 50, per-layer telemetry at each log);
-  hf              a transformers 5.x Trainer on a random-init BERT-tiny (the smallest
-                  BERT Google published: 2 layers, hidden 128, 2 heads, BERT's 30,522-token
-                  vocabulary, 4.4 M parameters; built from a BertConfig, no download)
-                  classifying random token sequences, without a callback;
-  hf+live         the same, with livetrain.transformers.LiveTrainingCallback.
+Two frameworks, each run with and without the callback:
+  lightning      a Lightning 2.x Trainer fitting train.py's small CNN on mnist5k
+                 (batch 64, Adam at 3e-4, no validation loop);
+  transformers   a transformers 5.x Trainer on a random-init BERT-tiny (the smallest
+                 BERT Google published: 2 layers, hidden 128, 2 heads, BERT's 30,522-token
+                 vocabulary, 4.4 M parameters; built from a BertConfig, no download)
+                 classifying random token sequences.
+With the callback: livetrain's LiveTrainingCallback, on SQLite in a temporary folder,
+log_every 50, per-layer telemetry at each log.
 
-Each process times the same span with a timing callback placed after livetrain's in
-both variants: from the end of the first step (which pays the lazy initialisations
-of torch and of each framework) to the end of the Trainer's train-end hooks, so the
-callback's closing work (the last log, the final checkpoint, draining its writer) is
-counted. The framework's and the run's setup before the first step is not.
+Why the two fits take turns: on this VM the same fit's time drifts by 10 to 25 % for
+seconds to tens of seconds at a time (five identical bare Lightning fits of 200 steps
+in one process: 59 to 72 ms a step, slow throughout the slow fits), so comparing
+whole runs in separate processes flipped between passing and failing a 3 % budget
+from one run of the benchmark to the next, and so did adjacent 100-step fits in one
+process (their ratios' quartiles: 0.95 to 1.17). Here each process (--rounds of them)
+runs both fits at once in two threads that take turns a step at a time, pinned to one
+core, so whatever slows the machine slows both alike; which fit takes the first turn
+alternates from process to process. The figure is the callback fit's time per step
+over the bare fit's, all processes' steps together; beside it, the same ratio in each
+process. What the method still leaves: two bare fits measured this way differ by up
+to 0.5 % (Lightning) and up to 7 % (transformers, from fit to fit, whichever thread;
+not understood: not the machine's drift, which both share), and livetrain's
+background threads (writer, listener, system sampler) share the core, so their work
+lands in whichever fit's step is running, half of it in the bare fit's.
 
-The budget is checked on the ratio of the medians (with-callback median over
-without-callback median); beside it, each variant's fastest time, and the median and
-range of the ratios within a round. As in bench.overhead, every process runs torch
-on one intra-op thread (--threads 1, see bench/overhead.py for why) and the last
-column is each variant's most page faults in one run (the whole process).
+A step's time runs from its fit getting the turn to the end of the step's hooks (a
+timing callback after livetrain's), so it holds the framework's loop, the step's
+start and end hooks and, on a step that logs, the log of the step before (written at
+the next step's start, after the framework's evaluation). The first step, which pays
+the setup, is left out; a fit has 4 x 50 + 1 steps, so the rest hold whole log
+intervals. What a run pays once (opening the database and the first checkpoint
+before the first step, the last log and draining the writer at the end) is a fixed
+cost, not a ratio: the closing part is printed as its own column, the extra time of
+the train-end hooks. As in bench.overhead, torch runs on one intra-op thread
+(--threads 1, see bench/overhead.py for why), and glibc's mmap and trim thresholds
+are fixed before the first tensor (livetrain/trainer/allocator.py, what train.py
+does).
 
-Allocator: every child, with and without the callback alike, fixes glibc's mmap and
-trim thresholds (livetrain/trainer/allocator.py, what train.py does) before its first
-tensor; without it a process can settle into faulting its freed step buffers in
-again at every step, a noise of up to 20 % that has nothing to do with livetrain.
-
-    python -m bench.frameworks [--rounds 5] [--steps 300] [--hf-steps 200]
+    python -m bench.frameworks [--rounds 4] [--steps 201] [--hf-steps 201]
 
 The callbacks' cost is mostly a fixed ~0.5 ms a step (the step's bookkeeping, and a
 log's telemetry every 50 steps; under transformers the gradient check before each
@@ -44,12 +54,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics as stats
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +68,7 @@ from bench import budget
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_EVERY = 50
-PAIRS = {"lightning": ("lightning", "lightning+live"), "transformers": ("hf", "hf+live")}
+FRAMEWORKS = ("lightning", "transformers")
 # BERT-tiny (google/bert_uncased_L-2_H-128_A-2's sizes), sequences of 64 tokens, batch 16.
 BERT = {"vocab_size": 30522, "hidden_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 2, "intermediate_size": 512, "max_position_embeddings": 512,
@@ -65,30 +76,56 @@ BERT = {"vocab_size": 30522, "hidden_size": 128, "num_hidden_layers": 2,
 SEQUENCE, BERT_BATCH, BERT_SAMPLES = 64, 16, 2048
 
 
-class SpanTimer:
-    """perf_counter at the end of the first step and at the end of training; the
-    framework-specific subclasses call `stepped` and `ended` from their hooks."""
+class Turns:
+    """Two fits in two threads take turns, a step each: one runs while the other waits,
+    so whatever slows the machine for a while slows both alike."""
 
     def __init__(self) -> None:
-        self.started: float | None = None
-        self.finished: float | None = None
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False, False]
+
+    def wait(self, me: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == me or self._done[1 - me])
+
+    def hand_over(self, me: int, done: bool = False) -> None:
+        with self._cond:
+            self._done[me] = self._done[me] or done
+            self._turn = 1 - me
+            self._cond.notify_all()
+
+
+class StepClock:
+    """One fit's side of the turns: the wall time of each of its steps, from getting the
+    turn to the end of the step's hooks, and of its train-end hooks. The framework's
+    timing callback (after livetrain's) calls `stepped` and `ended`."""
+
+    def __init__(self, turns: Turns, me: int) -> None:
+        self.turns, self.me = turns, me
+        self.steps: list[float] = []
+        self.closing: float | None = None
+        self._since = 0.0
+
+    def begin(self) -> None:
+        self.turns.wait(self.me)
+        self._since = time.perf_counter()
 
     def stepped(self) -> None:
-        if self.started is None:
-            self.started = time.perf_counter()
+        self.steps.append(time.perf_counter() - self._since)
+        self.turns.hand_over(self.me)
+        self.turns.wait(self.me)
+        self._since = time.perf_counter()
 
     def ended(self) -> None:
-        self.finished = time.perf_counter()
+        self.closing = time.perf_counter() - self._since
 
-    @property
-    def seconds(self) -> float:
-        if self.started is None or self.finished is None:
-            raise RuntimeError("the timer saw no step or no end of training")
-        return self.finished - self.started
+    def finish(self) -> None:
+        self.turns.hand_over(self.me, done=True)
 
 
-def run_lightning(live: bool, steps: int, db: str, logdir: str) -> tuple[float, int]:
-    """A Lightning fit of `steps` steps: the timed span's seconds and the steps timed."""
+def run_lightning(live: bool, steps: int, db: str, logdir: str, clock: StepClock) -> None:
+    """A Lightning fit of `steps` steps, timed by `clock`."""
     import lightning.pytorch as pl
     import torch
     from torch import nn
@@ -109,20 +146,19 @@ def run_lightning(live: bool, steps: int, db: str, logdir: str) -> tuple[float, 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=3e-4)
 
-    class Timer(SpanTimer, pl.Callback):
+    class Timer(pl.Callback):
         def on_train_batch_end(self, *args: Any) -> None:
-            self.stepped()
+            clock.stepped()
 
         def on_train_end(self, *args: Any) -> None:
-            self.ended()
+            clock.ended()
 
     torch.manual_seed(0)
     train_set, val_set, info = load_datasets("mnist5k")
     train_loader, _ = make_loaders(train_set, val_set, 64)
     module = Classifier(build_model("smallcnn", info.num_classes, info.in_channels,
                                     info.image_size, 0.5))
-    timer = Timer()
-    callbacks: list[pl.Callback] = [timer]
+    callbacks: list[pl.Callback] = [Timer()]
     if live:
         from livetrain.lightning import LiveTrainingCallback
 
@@ -139,7 +175,6 @@ def run_lightning(live: bool, steps: int, db: str, logdir: str) -> tuple[float, 
         raise RuntimeError(f"the fit ended at step {trainer.global_step}, not {steps}")
     if live and callbacks[0].run.global_step != steps:
         raise RuntimeError(f"the live run counted {callbacks[0].run.global_step} steps")
-    return timer.seconds, steps - 1
 
 
 def token_dataset() -> Any:
@@ -155,8 +190,8 @@ def token_dataset() -> Any:
             for i, m, y in zip(ids, mask, labels, strict=True)]
 
 
-def run_transformers(live: bool, steps: int, db: str, logdir: str) -> tuple[float, int]:
-    """A transformers Trainer run of `steps` steps: the timed span and the steps timed."""
+def run_transformers(live: bool, steps: int, db: str, logdir: str, clock: StepClock) -> None:
+    """A transformers Trainer run of `steps` steps, timed by `clock`."""
     import torch
     from transformers import (
         BertConfig,
@@ -166,12 +201,12 @@ def run_transformers(live: bool, steps: int, db: str, logdir: str) -> tuple[floa
         TrainingArguments,
     )
 
-    class Timer(SpanTimer, TrainerCallback):
+    class Timer(TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            self.stepped()
+            clock.stepped()
 
         def on_train_end(self, *args: Any, **kwargs: Any) -> None:
-            self.ended()
+            clock.ended()
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(**BERT))
@@ -180,8 +215,7 @@ def run_transformers(live: bool, steps: int, db: str, logdir: str) -> tuple[floa
         per_device_train_batch_size=BERT_BATCH, learning_rate=3e-4, seed=0, use_cpu=True,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0)
-    timer = Timer()
-    callbacks: list[TrainerCallback] = [timer]
+    callbacks: list[TrainerCallback] = [Timer()]
     if live:
         from livetrain.transformers import LiveTrainingCallback
 
@@ -195,96 +229,128 @@ def run_transformers(live: bool, steps: int, db: str, logdir: str) -> tuple[floa
         raise RuntimeError(f"the run ended at step {trainer.state.global_step}, not {steps}")
     if live and callbacks[0].run.global_step != steps:
         raise RuntimeError(f"the live run counted {callbacks[0].run.global_step} steps")
-    return timer.seconds, steps - 1
 
 
-def child(variant: str, steps: int, db: str, logdir: str) -> dict[str, float]:
-    """One measurement in this (fresh) process: seconds and seconds per timed step."""
+def child(framework: str, steps: int, live_first: bool, logdir: str) -> dict[str, Any]:
+    """One process's measurement: a fit with the callback and one without, each in its
+    own thread with its own model, Trainer and SQLite database, taking turns a step at
+    a time. Each variant's step times (the first step, which pays the setup and the lazy
+    initialisations, left out) and its train-end hooks' time."""
     from livetrain.trainer.allocator import keep_freed_memory
 
-    keep_freed_memory()  # before the first tensor, in every variant alike
-    runner = run_lightning if variant.startswith("lightning") else run_transformers
-    seconds, timed = runner(variant.endswith("+live"), steps, db, logdir)
-    return {"seconds": seconds, "per_step": seconds / timed}
+    keep_freed_memory()  # before the first tensor; both variants share the process
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})  # one core: both run on it
+    runner = run_lightning if framework == "lightning" else run_transformers
+    turns = Turns()
+    variants = (True, False) if live_first else (False, True)
+    clocks = {live: StepClock(turns, me) for me, live in enumerate(variants)}
+    errors: list[BaseException] = []
+
+    def fit(live: bool) -> None:
+        clock = clocks[live]
+        try:
+            clock.begin()
+            name = "live" if live else "bare"
+            runner(live, steps, f"sqlite:///{Path(logdir) / f'{name}.db'}",
+                   str(Path(logdir) / name), clock)
+        except BaseException as error:  # reported by the parent, after both threads end
+            errors.append(error)
+        finally:
+            clock.finish()
+
+    threads = [threading.Thread(target=fit, args=(live,)) for live in variants]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {"bare": clocks[False].steps[1:], "live": clocks[True].steps[1:],
+            "bare_closing": clocks[False].closing, "live_closing": clocks[True].closing}
 
 
-def measure(variant: str, steps: int, threads: int) -> tuple[float, int]:
-    """One run of one variant in a fresh process and a fresh SQLite database: its
-    seconds per timed step and the child's minor page faults (setup included)."""
+def measure(framework: str, steps: int, live_first: bool, threads: int) -> dict[str, Any]:
+    """`child` in a fresh process, with its own temporary folder."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    order = ["--live-first"] if live_first else []
     with tempfile.TemporaryDirectory() as tmp:
-        db = f"sqlite:///{Path(tmp) / 'bench.db'}"
-        faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt
         done = subprocess.run(
-            [sys.executable, "-m", "bench.frameworks", "--variant", variant,
-             "--steps", str(steps), "--db", db, "--logdir", tmp],
+            [sys.executable, "-m", "bench.frameworks", "--child", framework,
+             "--steps", str(steps), "--logdir", tmp, *order],
             cwd=tmp, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{done.stderr[-3000:]}")
-        faults = resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - faults
-    return json.loads(done.stdout.strip().splitlines()[-1])["per_step"], faults
+    if done.returncode != 0:
+        raise RuntimeError(f"{framework} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def interleaved(pair: tuple[str, str], steps: int, rounds: int,
-                threads: int) -> dict[str, tuple[float, ...]]:
-    """variant -> (median ms/step, fastest ms/step, ratio of its median to the bare
-    variant's, the median and range of the ratios within a round, most page faults)."""
-    times: dict[str, list[float]] = {v: [] for v in pair}
-    faults: dict[str, list[int]] = {v: [] for v in pair}
-    for index in range(rounds):
-        for variant in pair if index % 2 == 0 else pair[::-1]:
-            per_step, count = measure(variant, steps, threads)
-            times[variant].append(per_step)
-            faults[variant].append(count)
-    bare = times[pair[0]]
-    out = {}
-    for variant, seconds in times.items():
-        ratios = [s / b for s, b in zip(seconds, bare, strict=True)]
-        out[variant] = (1000 * stats.median(seconds), 1000 * min(seconds),
-                        stats.median(seconds) / stats.median(bare), stats.median(ratios),
-                        min(ratios), max(ratios), max(faults[variant]))
-    return out
+@dataclass(frozen=True)
+class PairResult:
+    """One framework's figures: the verdict's ratio, and beside it what shows how far
+    it can be trusted."""
+
+    bare_ms: float  # ms per step without the callback, all processes' steps together
+    live_ms: float  # and with it
+    ratio: float  # live_ms / bare_ms: each process weighs alike (the same steps)
+    low: float  # the smallest and largest of the same ratio within one process
+    high: float
+    closing_ms: float  # median extra time of the train-end hooks with the callback
+
+
+def paired(framework: str, steps: int, rounds: int, threads: int) -> PairResult:
+    """`rounds` processes (which fit takes the first step alternates), summarised."""
+    runs = [measure(framework, steps, index % 2 == 1, threads) for index in range(rounds)]
+    ratios = [sum(run["live"]) / sum(run["bare"]) for run in runs]
+    bare = sum(sum(run["bare"]) for run in runs) / sum(len(run["bare"]) for run in runs)
+    live = sum(sum(run["live"]) for run in runs) / sum(len(run["live"]) for run in runs)
+    return PairResult(
+        bare_ms=1000 * bare, live_ms=1000 * live, ratio=live / bare,
+        low=min(ratios), high=max(ratios),
+        closing_ms=1000 * stats.median(run["live_closing"] - run["bare_closing"]
+                                       for run in runs))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=300, help="Lightning steps per run")
-    p.add_argument("--hf-steps", type=int, default=200, help="transformers steps per run")
+    p.add_argument("--rounds", type=int, default=4, help="processes per framework")
+    p.add_argument("--steps", type=int, default=4 * LOG_EVERY + 1,
+                   help="Lightning steps per fit")
+    p.add_argument("--hf-steps", type=int, default=4 * LOG_EVERY + 1,
+                   help="transformers steps per fit")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads in every variant (see bench/overhead.py)")
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--db", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     p.add_argument("--logdir", help=argparse.SUPPRESS)
+    p.add_argument("--live-first", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
+    if min(args.steps, args.hf_steps) < 2:
+        p.error("a fit needs at least 2 steps: the first one is not timed")
 
-    if args.variant:  # a child process: one measurement
-        print(json.dumps(child(args.variant, args.steps, args.db, args.logdir)))
+    if args.child:  # a child process: one paired measurement
+        print(json.dumps(child(args.child, args.steps, args.live_first, args.logdir)))
         return 0
 
-    table, verdicts = [], []
-    for framework, steps in (("lightning", args.steps), ("transformers", args.hf_steps)):
-        pair = PAIRS[framework]
-        result = interleaved(pair, steps, args.rounds, args.threads)
-        table += [(framework, v, *r) for v, r in result.items()]
-        verdicts.append(budget.Verdict(f"{framework} callback overhead, x without it",
-                                       result[pair[1]][2], budget.OVERHEAD_RATIO, "x"))
-
+    results = {framework: paired(framework, steps, args.rounds, args.threads)
+               for framework, steps in (("lightning", args.steps),
+                                        ("transformers", args.hf_steps))}
     print(f"\nframework callbacks' overhead: Lightning, smallcnn on mnist5k, batch 64, "
           f"{args.steps} steps; transformers, BERT-tiny, batch {BERT_BATCH} x {SEQUENCE} "
           f"tokens, {args.hf_steps} steps; LiveTrainingCallback on SQLite, log_every "
-          f"{LOG_EVERY}; {args.threads} torch thread(s); {args.rounds} interleaved rounds "
-          "(x without: ratio of the medians)")
-    print(f"{'framework':<13} {'variant':<15} {'median ms/step':>15} {'fastest':>8} "
-          f"{'x without':>10} {'per round: median':>18} {'min-max':>12} "
-          f"{'page faults, max':>17}")
-    for framework, variant, median, fastest, ratio, per_round, low, high, faults in table:
-        print(f"{framework:<13} {variant:<15} {median:>15.2f} {fastest:>8.2f} {ratio:>10.3f} "
-              f"{per_round:>18.3f} {low:>6.3f}-{high:.3f} {faults / 1e6:>16.2f}M")
+          f"{LOG_EVERY}; {args.threads} torch thread(s); {args.rounds} processes, each "
+          "fitting with and without the callback in turns of one step")
+    print(f"{'framework':<13} {'bare ms/step':>13} {'live ms/step':>13} {'x without':>10} "
+          f"{'per process':>14} {'closing +ms':>12}")
+    for framework, r in results.items():
+        print(f"{framework:<13} {r.bare_ms:>13.2f} {r.live_ms:>13.2f} {r.ratio:>10.3f} "
+              f"{r.low:>7.3f}-{r.high:.3f} {r.closing_ms:>12.1f}")
     print(f"reproduce: python -m bench.frameworks --rounds {args.rounds} --steps {args.steps} "
           f"--hf-steps {args.hf_steps} --threads {args.threads}")
-    return budget.report(verdicts)
+    return budget.report([
+        budget.Verdict(f"{framework} callback overhead, x without it", r.ratio,
+                       budget.OVERHEAD_RATIO, "x")
+        for framework, r in results.items()])
 
 
 if __name__ == "__main__":
