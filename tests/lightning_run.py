@@ -1,15 +1,18 @@
 """A user's Lightning script with livetrain's callback, for tests/test_browser_lightning.py.
 
 A small CNN (one Conv2d, one Linear) on random 28x28 images, a Lightning Trainer with
-`LiveTrainingCallback`, and steps enough to run until the board stops it. Every
-`--report-every` steps it prints the lr the Trainer's optimizer holds, so a test can
-see that a change from the board reached the optimizer Lightning steps, not only the
-database. At the end it prints the run's status and step.
+`LiveTrainingCallback`, and steps enough to run until the board stops it (or
+`--max-steps`). Every `--report-every` steps it prints the lr the Trainer's optimizer
+holds, so a test can see that a change from the board reached the optimizer Lightning
+steps, not only the database. At the end it prints the run's status and step. With
+`--devices 2` Lightning's DDP strategy trains it in two processes (gloo, on CPU), each
+printing its own lines, prefixed with its rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -55,8 +58,18 @@ class LearningRateReport(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step % self.every == 0:
             lr = trainer.optimizers[0].param_groups[0]["lr"]
-            print(f"step {trainer.global_step} lr {lr:g}", flush=True)
+            say(f"{rank_prefix(trainer)}step {trainer.global_step} lr {lr:g}")
         time.sleep(self.sleep)
+
+
+def say(line: str) -> None:
+    """One write per line: under DDP both ranks write to the same file."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def rank_prefix(trainer: pl.Trainer) -> str:
+    return f"rank {trainer.global_rank} " if trainer.world_size > 1 else ""
 
 
 def random_images(samples: int) -> TensorDataset:
@@ -75,6 +88,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--report-every", type=int, default=5)
     parser.add_argument("--sleep", type=float, default=0.01, help="seconds after a step")
+    parser.add_argument("--max-steps", type=int, default=1_000_000)
+    parser.add_argument("--devices", type=int, default=1, help="2 or more: DDP on CPU")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -82,12 +97,13 @@ def main() -> None:
     live = LiveTrainingCallback(db=args.db, name=args.name, log_every=args.log_every,
                                 checkpoint_dir=f"{args.root}/checkpoints")
     trainer = pl.Trainer(
-        max_steps=1_000_000, max_epochs=-1, accelerator="cpu", devices=1, logger=False,
+        max_steps=args.max_steps, max_epochs=-1, accelerator="cpu", devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=args.root,
         callbacks=[live, LearningRateReport(args.report_every, args.sleep)])
     trainer.fit(SmallCNN(), loader)
-    print(f"status={live.run.status} steps={live.run.global_step}", flush=True)
+    say(f"{rank_prefix(trainer)}status={live.run.status} steps={live.run.global_step}")
 
 
 if __name__ == "__main__":
