@@ -22,7 +22,7 @@ core, so whatever slows the machine slows both alike; which fit takes the first 
 alternates from process to process. The figure is the callback fit's time per step
 over the bare fit's, all processes' steps together; beside it, the same ratio in each
 process. What the method still leaves: two bare fits measured this way differ by up
-to 0.5 % (Lightning) and up to 7 % (transformers, from fit to fit, whichever thread;
+to 0.5 % (Lightning) and up to 8 % (transformers, from fit to fit, whichever thread;
 not understood: not the machine's drift, which both share), and livetrain's
 background threads (writer, listener, system sampler) share the core, so their work
 lands in whichever fit's step is running, half of it in the bare fit's.
