@@ -113,28 +113,17 @@ def gradient_norm(module: nn.Module) -> float:
 # -- the user at an SQL client, beside the fit --------------------------------------------
 
 
-class Steering(threading.Thread):
-    """Runs `script(steering)` beside the fit. A failure is kept for the main thread and
-    ends the fit (a stop request also ends a pause), so the test does not train on."""
+class RunSql:
+    """The user at an SQL client: plain UPDATEs of the run's parameters row, and waits for
+    the trainer's acknowledgments."""
 
-    def __init__(self, url: str, trainer: pl.Trainer, callback: LiveTrainingCallback,
-                 script: Callable[[Steering], None]) -> None:
-        super().__init__(daemon=True)
-        self.sql, self.script = SqlClient(url), script
-        self.trainer, self.callback = trainer, callback
+    def __init__(self, url: str) -> None:
+        self.sql = SqlClient(url)
         self.run_id = 0
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        try:
-            self.run_id = wait_for("a run", lambda: self.sql.one("SELECT run_id FROM runs"))[0]
-            wait_for("20 steps", lambda: self.trainer.global_step >= 20)
-            self.script(self)
-        except BaseException as exc:
-            self.error = exc
-            if self.callback.run is not None:
-                self.callback.run.request_stop()
-            self.trainer.should_stop = True
+    def find_run(self, timeout: float = 60.0) -> None:
+        self.run_id = wait_for("a run", lambda: self.sql.one("SELECT run_id FROM runs"),
+                               timeout=timeout)[0]
 
     def update(self, assignments: str, **values: Any) -> int:
         """A plain UPDATE of the run's parameters row, bumping its version; the version."""
@@ -149,15 +138,39 @@ class Steering(threading.Thread):
             "SELECT applied_step FROM parameter_changes WHERE run_id = :r AND version = :v",
             r=self.run_id, v=version))[0]
 
-    def steps_past(self, step: int, more: int = 20) -> None:
-        wait_for(f"step {step + more}", lambda: self.trainer.global_step >= step + more)
-
     def stop(self) -> int:
         """stop_train from SQL; the step it was acknowledged at."""
         return self.acknowledged(self.update("stop_train = TRUE"))
 
     def status(self) -> str:
         return self.sql.one("SELECT status FROM runs WHERE run_id = :r", r=self.run_id)[0]
+
+
+class Steering(RunSql, threading.Thread):
+    """Runs `script(steering)` beside the fit. A failure is kept for the main thread and
+    ends the fit (a stop request also ends a pause), so the test does not train on."""
+
+    def __init__(self, url: str, trainer: pl.Trainer, callback: LiveTrainingCallback,
+                 script: Callable[[Steering], None]) -> None:
+        RunSql.__init__(self, url)
+        threading.Thread.__init__(self, daemon=True)
+        self.script = script
+        self.trainer, self.callback = trainer, callback
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.find_run()
+            wait_for("20 steps", lambda: self.trainer.global_step >= 20)
+            self.script(self)
+        except BaseException as exc:
+            self.error = exc
+            if self.callback.run is not None:
+                self.callback.run.request_stop()
+            self.trainer.should_stop = True
+
+    def steps_past(self, step: int, more: int = 20) -> None:
+        wait_for(f"step {step + more}", lambda: self.trainer.global_step >= step + more)
 
 
 def trainer_for(tmp_path: Path, db: str, name: str,

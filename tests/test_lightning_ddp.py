@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from test_livetrain_api import SqlClient, wait_for
+from test_lightning import RunSql
+from test_livetrain_api import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD_LR, NEW_LR = 3e-4, 1e-3
@@ -47,26 +48,6 @@ def last_steps(log: Path, seconds: float) -> set[tuple[int, int]]:
     return seen
 
 
-class RunClient:
-    """The user at an SQL client: the run's parameters row and its acknowledgments."""
-
-    def __init__(self, url: str) -> None:
-        self.sql = SqlClient(url)
-        self.run_id = wait_for("a run", lambda: self.sql.one("SELECT run_id FROM runs"),
-                               timeout=120)[0]
-
-    def update(self, assignments: str, **values: object) -> int:
-        self.sql.execute(f"UPDATE parameters SET {assignments}, version = version + 1 "
-                         "WHERE run_id = :r", r=self.run_id, **values)
-        return self.sql.one("SELECT version FROM parameters WHERE run_id = :r",
-                            r=self.run_id)[0]
-
-    def acknowledged(self, version: int) -> int:
-        return wait_for(f"version {version} acknowledged", lambda: self.sql.one(
-            "SELECT applied_step FROM parameter_changes WHERE run_id = :r AND version = :v",
-            r=self.run_id, v=version))[0]
-
-
 def test_a_ddp_fit_takes_an_lr_change_a_pause_and_a_stop_on_both_ranks_at_one_step(
         tmp_path: Path, db_url: str) -> None:
     log = tmp_path / "fit.log"
@@ -77,7 +58,8 @@ def test_a_ddp_fit_takes_an_lr_change_a_pause_and_a_stop_on_both_ranks_at_one_st
              "--log-every", "10", "--sleep", "0.01"],
             stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        client = RunClient(db_url)
+        client = RunSql(db_url)
+        client.find_run(timeout=120)
         wait_for("step 20 on both ranks", lambda: reached(log, 20), timeout=120)
         applied = client.acknowledged(client.update("learning_rate = :lr", lr=NEW_LR))
         wait_for(f"step {applied + 20} on both ranks", lambda: reached(log, applied + 20))
@@ -85,7 +67,7 @@ def test_a_ddp_fit_takes_an_lr_change_a_pause_and_a_stop_on_both_ranks_at_one_st
         held = last_steps(log, seconds=2.0)
         client.acknowledged(client.update("pause_train = FALSE"))
         wait_for(f"step {paused_at + 10} on both ranks", lambda: reached(log, paused_at + 10))
-        stopped_at = client.acknowledged(client.update("stop_train = TRUE"))
+        stopped_at = client.stop()
         fit.wait(timeout=120)
     finally:
         if fit.poll() is None:
@@ -105,9 +87,8 @@ def test_a_ddp_fit_takes_an_lr_change_a_pause_and_a_stop_on_both_ranks_at_one_st
     assert sorted(FINISHED.findall(text)) == [
         ("0", "stopped", str(stopped_at)), ("1", "stopped", str(stopped_at))], text[-3000:]
 
-    status, config = client.sql.one("SELECT status, config FROM runs WHERE run_id = :r",
-                                     r=client.run_id)
+    assert client.status() == "stopped"
+    config = client.sql.one("SELECT config FROM runs WHERE run_id = :r", r=client.run_id)[0]
     config = json.loads(config) if isinstance(config, str) else config
-    assert status == "stopped"
     assert (config["world_size"], config["strategy"]) == (2, "DDPStrategy")
     assert client.sql.one("SELECT COUNT(*) FROM runs")[0] == 1  # rank 1 made none of its own
