@@ -32,8 +32,9 @@ today's rules, without training anything (for tuning rules offline).
 Healthy configurations run longest first, then the pathologies, so that the two
 workers finish close together.
 
-    python -m bench.insight [--only healthy|pathology] [--jobs 2] [--keep DIR]
-    python -m bench.insight --replay DIR [--only healthy|pathology]
+    python -m bench.insight [--only healthy|tuning|evaluation|pathology] [--match TEXT]
+                            [--jobs 2] [--keep DIR]
+    python -m bench.insight --replay DIR [--only ...] [--match TEXT]
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIAGNOSTIC_CODES = (
     "non_finite", "initial_loss", "update_ratio_high", "update_ratio_low",
     "activation_std_low", "activation_std_high", "dead_relu", "loss_rising", "loss_flat",
-    "loss_slow", "exploding_gradients", "overfitting",
+    "loss_slow", "exploding_gradients", "overfitting", "converged",
 )
 SEEDS = (0, 1)
 RUN_TIMEOUT_S = 1200.0  # a run past this is killed and counted as failed
@@ -72,22 +73,45 @@ DB_SUFFIX = ".sqlite"
 
 @dataclass(frozen=True)
 class Healthy:
-    """A sane configuration: whatever the rules say about it is a false alarm."""
+    """A sane configuration: whatever warning the rules raise about it is a false alarm.
+
+    `half`: "tuning", the runs the rules were tuned on (their thresholds were set and
+    checked against these; --replay exists for that), or "evaluation", runs that no rule
+    was tuned on, which tell whether the rules hold on runs they have never seen.
+    `script`: the program that trains it, relative to the repository: train.py (given
+    its options) or a loop or framework run of its own (given --db URL and `args`)."""
 
     name: str
-    args: tuple[str, ...]  # train.py options, --max-steps included
+    args: tuple[str, ...]  # the script's options, --max-steps included
+    half: str = "tuning"
+    script: str = "train.py"
 
 
 def healthy(model: str, dataset: str, optimizer: str, lr: float, batch: int, log_every: int,
-            val_batches: int, dropout: int, steps: int) -> Healthy:
-    """A healthy configuration named after what it varies."""
-    name = (f"{model}-{dataset}-{optimizer}-{lr:g}-b{batch}-log{log_every}-val{val_batches}"
-            f"-do{dropout}")
+            val_batches: int, dropout: int, steps: int, *extra: str,
+            half: str = "tuning") -> Healthy:
+    """A healthy train.py configuration named after what it varies (`extra`: more
+    train.py options, which the name lists too)."""
+    name = (f"{Path(model.split(':')[0]).stem if ':' in model else model}-{dataset}-"
+            f"{optimizer}-{lr:g}-b{batch}-log{log_every}-val{val_batches}-do{dropout}"
+            + "".join(f"-{x.lstrip('-')}" for x in extra))
     return Healthy(name, (
         "--model", model, "--dataset", dataset, "--optimizer", optimizer, "--lr", f"{lr:g}",
         "--batch-size", str(batch), "--log-every", str(log_every),
         "--val-batches", str(val_batches), "--dropout", str(dropout),
-        "--max-steps", str(steps), "--epochs", "1000"))
+        "--max-steps", str(steps), "--epochs", "1000", *extra), half)
+
+
+def unseen(model: str, dataset: str, optimizer: str, lr: float, batch: int, log_every: int,
+           val_batches: int, dropout: int, steps: int, *extra: str) -> Healthy:
+    """A healthy train.py configuration of the evaluation half."""
+    return healthy(model, dataset, optimizer, lr, batch, log_every, val_batches, dropout,
+                   steps, *extra, half="evaluation")
+
+
+def own_loop(name: str, script: str, *args: str) -> Healthy:
+    """An evaluation-half run trained by a program of its own (a user's loop, a framework)."""
+    return Healthy(name, args, "evaluation", script)
 
 
 # Longest first. Steps give 30+ logs (plus the epoch-end logs) without real overfitting
@@ -95,7 +119,7 @@ def healthy(model: str, dataset: str, optimizer: str, lr: float, batch: int, log
 # the loss falling from the start. Left out as not healthy, measured: tinycnn with dropout
 # at lr 3e-4 (barely learns), AlexNet with SGD+Nesterov at lr 0.01 on digits (stuck at ln 10),
 # smallcnn with SGD+Nesterov at lr 0.05 on digits (stuck at batch 64; one seed in two at 256).
-HEALTHY = (
+TUNING = (
     healthy("smallcnn", "mnist5k", "Adam", 3e-4, 256, 10, 2, 50, 300),
     healthy("smallcnn", "mnist5k", "SGD+Nesterov", 0.02, 128, 10, 10, 50, 300),
     healthy("smallcnn", "mnist5k", "RMSprop", 3e-4, 32, 50, 10, 50, 1500),
@@ -112,6 +136,46 @@ HEALTHY = (
     healthy("tinycnn", "digits", "SGD+Nesterov", 0.02, 16, 50, 10, 50, 1500),
     healthy("tinycnn", "digits", "RMSprop", 1e-3, 16, 5, 2, 0, 200),
 )
+
+# The evaluation half: configurations unlike the tuning half's, which no rule was tuned
+# on: schedules (step, cosine, linear to zero, warmup, one-cycle), runs long enough to
+# converge, BatchNorm and residual models, Kaiming and Xavier inits, RMSprop, AdamW and
+# SGD with Nesterov momentum, batches of 16 to 512 and logs every 1 to 100 steps, a
+# regression in a loop of its own, a Lightning run with OneCycleLR, a Hugging Face
+# Trainer with its default schedule and a user's model with lazy layers. Longest first.
+LAZY_MODEL = f"{ROOT / 'bench' / 'insight_cases' / 'lazy_model.py'}:LazyMLP"
+EVALUATION = (
+    unseen("resnet18", "mnist5k", "SGD+Nesterov", 0.01, 128, 10, 2, 0, 300,
+           "--lr-schedule", "cosine"),
+    unseen("resnet18", "digits", "Adam", 3e-4, 32, 10, 10, 0, 500),
+    unseen("smallcnn", "mnist5k", "Adam", 1e-3, 64, 10, 2, 50, 500, "--lr-schedule", "cosine"),
+    unseen("smallcnn", "mnist5k", "AdamW", 1e-3, 128, 20, 2, 50, 600,
+           "--weight-decay", "0.01", "--lr-schedule", "linear"),
+    own_loop("hf-bert-tiny-default-schedule", "examples/hf_text_classification.py",
+             "--max-steps", "300", "--log-every", "5"),
+    unseen("alexnet", "digits", "AdamW", 3e-4, 64, 10, 2, 50, 400, "--lr-schedule", "warmup"),
+    unseen("tinycnn", "mnist5k", "Adam", 3e-3, 512, 100, 2, 0, 2500),
+    own_loop("lightning-mlp-digits-onecycle", "bench/insight_cases/lightning_onecycle.py",
+             "--max-steps", "500", "--log-every", "10"),
+    unseen("tinycnn", "mnist5k", "Adam", 1e-3, 32, 10, 2, 0, 1200, "--init", "kaiming"),
+    unseen("smallcnn", "mnist5k", "RMSprop", 1e-4, 256, 25, 10, 50, 750, "--init", "kaiming"),
+    unseen("tinycnn", "mnist5k", "Adam", 3e-4, 64, 5, 10, 50, 300),
+    unseen("smallcnn", "digits", "Adam", 3e-3, 256, 20, 2, 0, 600, "--lr-schedule", "onecycle"),
+    unseen("smallcnn", "digits", "SGD+Nesterov", 0.05, 32, 5, 2, 0, 400, "--lr-schedule", "step"),
+    own_loop("liverun-regression-mlp", "bench/insight_cases/regression.py",
+             "--max-steps", "1500", "--log-every", "10"),
+    unseen("tinycnn", "digits", "AdamW", 3e-3, 16, 2, 2, 0, 400, "--lr-schedule", "onecycle"),
+    unseen("smallcnn", "digits", "SGD+Nesterov", 0.02, 64, 5, 10, 50, 300, "--init", "xavier"),
+    unseen(LAZY_MODEL, "digits", "Adam", 1e-3, 64, 5, 2, 50, 300),
+    unseen("tinycnn", "digits", "RMSprop", 1e-3, 16, 1, 2, 0, 200, "--lr-schedule", "warmup"),
+    unseen("tinycnn", "digits", "SGD+Nesterov", 0.05, 128, 10, 2, 0, 600,
+           "--init", "xavier", "--lr-schedule", "cosine"),
+    unseen("smallcnn", "digits", "AdamW", 1e-3, 16, 10, 10, 0, 500,
+           "--weight-decay", "0.05", "--lr-schedule", "warmup"),
+)
+HEALTHY = TUNING + EVALUATION
+HALVES = ("tuning", "evaluation")
+EVALUATION_SEEDS = (2,)  # one seed for the unseen runs, none of the tuning half's
 
 
 @dataclass(frozen=True)
@@ -166,6 +230,15 @@ PATHOLOGIES = (
     Pathology("steered-sgd-lr1", (*DIGITS, "--max-steps", "200"),
               {"loss_rising": 50, "exploding_gradients": 50},
               Steer(after_step=40, optimizer="SGD", learning_rate=1.0)),
+    # Cases that no rule was written for (issue 21): they must be caught by the rules as
+    # they are, on what the runs show.
+    Pathology("rmsprop-lr0.01", (*DIGITS, "--optimizer", "RMSprop", "--lr", "0.01",
+                                 "--max-steps", "200"),
+              {"update_ratio_high": 100}),
+    Pathology("adam-weight-decay1", (*DIGITS, "--weight-decay", "1", "--max-steps", "300"),
+              {"loss_flat": 200}),
+    Pathology("adam-init-normal0.001", (*DIGITS, "--init", "normal:0.001", "--max-steps", "200"),
+              {"update_ratio_high": 100}),
 )
 
 
@@ -185,11 +258,18 @@ class Job:
 
 @dataclass(frozen=True)
 class Alarm:
-    """An episode a rule opened: its code, the step it was first raised at, its layer."""
+    """An episode a rule opened: its code, the step it was first raised at, its layer and
+    level. An "info" episode (converged, loss_slow, a note on a layer) is news for the
+    user, not an alarm: only warnings and errors count as false alarms."""
 
     code: str
     step: int
     layer: str | None
+    level: str = "warning"
+
+    @property
+    def alarming(self) -> bool:
+        return self.level != "info"
 
 
 @dataclass
@@ -203,6 +283,12 @@ class Outcome:
     seconds: float | None = None  # wall time of the run (None: replayed)
     source: str = ""  # "alerts" (a live run's table) or "replay"
     problem: str | None = None  # the run failed, timed out or was never steered
+    accuracy: float | None = None  # the last logged validation accuracy, % (None: none)
+
+    @property
+    def false_alarms(self) -> list[Alarm]:
+        """A healthy run's warnings and errors: every one of them is a false alarm."""
+        return [a for a in self.alarms if a.alarming]
 
 
 @dataclass
@@ -212,9 +298,11 @@ class Evaluation:
 
 
 def jobs_for(healthy_cases: Iterable[Healthy], pathologies: Iterable[Pathology],
-             seeds: Sequence[int] = SEEDS) -> list[Job]:
-    """Every healthy case once per seed, then every pathology once (seed 0)."""
-    jobs = [Job("healthy", case, seed) for case in healthy_cases for seed in seeds]
+             seeds: Sequence[int] = SEEDS,
+             evaluation_seeds: Sequence[int] = EVALUATION_SEEDS) -> list[Job]:
+    """Every healthy case once per seed of its half, then every pathology once (seed 0)."""
+    jobs = [Job("healthy", case, seed) for case in healthy_cases
+            for seed in (seeds if case.half == "tuning" else evaluation_seeds)]
     return jobs + [Job("pathology", case, 0) for case in pathologies]
 
 
@@ -228,9 +316,17 @@ def read_alarms(conn: sqlite3.Connection, run_id: int) -> list[Alarm]:
     """The run's alarms as any SQL client sees them: its `alerts` rows, one per episode
     (a problem that held for 100 logs is one alarm, not 100)."""
     rows = conn.execute(
-        "SELECT code, first_step, layer_name FROM alerts WHERE run_id = ? "
+        "SELECT code, first_step, layer_name, level FROM alerts WHERE run_id = ? "
         "ORDER BY first_step, alert_id", (run_id,)).fetchall()
     return [Alarm(*row) for row in rows]
+
+
+def last_accuracy(conn: sqlite3.Connection, run_id: int) -> float | None:
+    """The run's last logged validation accuracy: what says a healthy run was healthy."""
+    row = conn.execute(
+        "SELECT validate_accuracy FROM statistics WHERE run_id = ? AND validate_accuracy "
+        "IS NOT NULL ORDER BY step DESC LIMIT 1", (run_id,)).fetchone()
+    return None if row is None else row[0]
 
 
 def only_run(conn: sqlite3.Connection) -> int:
@@ -260,6 +356,7 @@ def read_outcome(db: Path, job: Job, outcome: Outcome) -> None:
         (outcome.logs,) = conn.execute("SELECT count(*) FROM statistics WHERE run_id = ?",
                                        (run_id,)).fetchone()
         outcome.alarms, outcome.source = read_alarms(conn, run_id), "alerts"
+        outcome.accuracy = last_accuracy(conn, run_id)
         steer = getattr(job.case, "steer", None)
         if steer is not None:
             step = steered_step(conn, run_id, steer)
@@ -315,6 +412,11 @@ class Watcher:
 
 
 def train_command(job: Job, db: Path, checkpoints: Path) -> list[str]:
+    """train.py with the harness's options, or a case's own program given --db (its own
+    seed and its checkpoints in the run's working directory)."""
+    script = getattr(job.case, "script", "train.py")
+    if script != "train.py":
+        return [sys.executable, str(ROOT / script), "--db", f"sqlite:///{db}", *job.case.args]
     return [sys.executable, str(ROOT / "train.py"), "--db", f"sqlite:///{db}", "--no-progress",
             "--checkpoint-dir", str(checkpoints), "--seed", str(job.seed), *job.case.args]
 
@@ -327,9 +429,10 @@ def run_job(job: Job, workdir: Path, timeout: float = RUN_TIMEOUT_S) -> Outcome:
     outcome = Outcome(job)
     watcher = Watcher(db, getattr(job.case, "steer", None))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    checkpoints.mkdir(parents=True, exist_ok=True)  # its working directory: what it leaves
     start = time.monotonic()
     with log.open("w") as output:
-        proc = subprocess.Popen(train_command(job, db, checkpoints), cwd=workdir, env=env,
+        proc = subprocess.Popen(train_command(job, db, checkpoints), cwd=checkpoints, env=env,
                                 stdout=output, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
@@ -347,7 +450,8 @@ def run_job(job: Job, workdir: Path, timeout: float = RUN_TIMEOUT_S) -> Outcome:
     outcome.seconds = time.monotonic() - start
     if proc.returncode != 0 and outcome.problem is None:
         tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-        outcome.problem = f"train.py exited with {proc.returncode}: {tail[0][:200]}"
+        script = Path(getattr(job.case, "script", "train.py")).name
+        outcome.problem = f"{script} exited with {proc.returncode}: {tail[0][:200]}"
     shutil.rmtree(checkpoints, ignore_errors=True)
     read_outcome(db, job, outcome)
     return outcome
@@ -372,8 +476,9 @@ def describe(outcome: Outcome) -> str:
     codes = Counter(a.code for a in outcome.alarms)
     raised = ", ".join(f"{c} x{n}" for c, n in sorted(codes.items())) or "no alarms"
     took = "" if outcome.seconds is None else f"{outcome.seconds:.0f} s, "
+    accuracy = "" if outcome.accuracy is None else f", validation accuracy {outcome.accuracy:.1f} %"
     problem = f"; PROBLEM: {outcome.problem}" if outcome.problem else ""
-    return f"{outcome.job.stem}: {took}{outcome.logs} logs, {raised}{problem}"
+    return f"{outcome.job.stem}: {took}{outcome.logs} logs{accuracy}, {raised}{problem}"
 
 
 # -- replay: today's rules over recorded telemetry -------------------------------------
@@ -408,17 +513,23 @@ def step_records(conn: sqlite3.Connection, run_id: int) -> list[Any]:
             update_ratio=_number(ratio), has_nonlinearity=bool(nonlinear)))
     rows = conn.execute(
         "SELECT step, train_loss, validate_loss, learning_rate, optimizer, weight_decay, "
-        "dropout, train_loss_std, train_loss_count, validate_loss_std, validate_loss_count "
+        "dropout, train_loss_std, train_loss_count, validate_loss_std, validate_loss_count, "
+        "base_learning_rate, train_accuracy, validate_accuracy "
         "FROM statistics WHERE run_id = ? ORDER BY step", (run_id,)).fetchall()
-    # SQLite stores NaN as NULL: in a run that validates, a NULL validation loss was NaN.
+    # SQLite stores NaN as NULL: in a run that validates, a NULL validation loss with its
+    # batches counted was NaN; without them, that log ran no validation (a framework
+    # validates on its own schedule).
     validates = any(row[2] is not None for row in rows)
     records = []
     for (step, train_loss, validate_loss, lr, optimizer, weight_decay, dropout, train_std,
-         train_count, val_std, val_count) in rows:
+         train_count, val_std, val_count, base_lr, train_accuracy, val_accuracy) in rows:
         records.append(StepRecord(
             step=step, train_loss=_number(train_loss),
-            validate_loss=_number(validate_loss) if validates else None,
-            learning_rate=lr, optimizer=optimizer, weight_decay=weight_decay, dropout=dropout,
+            validate_loss=_number(validate_loss)
+            if validates and (validate_loss is not None or val_count) else None,
+            learning_rate=lr, base_learning_rate=base_lr, train_accuracy=train_accuracy,
+            validate_accuracy=val_accuracy,
+            optimizer=optimizer, weight_decay=weight_decay, dropout=dropout,
             layers=tuple(layers.get(step, ())),
             train_loss_se=_standard_error(train_std, train_count),
             validate_loss_se=_standard_error(val_std, val_count)))
@@ -448,9 +559,10 @@ def replay_outcome(db: Path, job: Job) -> Outcome:
         doctor = Diagnostician(num_classes(conn, run_id))
         records = step_records(conn, run_id)
         for record in records:
-            outcome.alarms += [Alarm(item.code, record.step, item.layer)
+            outcome.alarms += [Alarm(item.code, record.step, item.layer, item.level)
                                for item in opened(doctor.observe(record))]
         outcome.logs = len(records)
+        outcome.accuracy = last_accuracy(conn, run_id)
         steer = getattr(job.case, "steer", None)
         if steer is not None:
             outcome.reference_step = steered_step(conn, run_id, steer) or 0
@@ -509,38 +621,54 @@ def checks(outcome: Outcome) -> list[Check]:
 
 
 def _counts(alarms: Iterable[Alarm]) -> str:
+    """code n (@first step), with "info" after the news that is no alarm."""
     first: dict[str, int] = {}
     counts: Counter[str] = Counter()
+    infos: set[str] = set()
     for alarm in alarms:
         counts[alarm.code] += 1
         first[alarm.code] = min(first.get(alarm.code, alarm.step), alarm.step)
-    return ", ".join(f"{code} {n} (@{first[code]})" for code, n in sorted(counts.items()))
+        if not alarm.alarming:
+            infos.add(alarm.code)
+    return ", ".join(f"{code} {n} (@{first[code]}{', info' if code in infos else ''})"
+                     for code, n in sorted(counts.items()))
 
 
 def _seconds(outcome: Outcome) -> str:
     return "-" if outcome.seconds is None else f"{outcome.seconds:.0f}"
 
 
-def healthy_table(outcomes: Sequence[Outcome]) -> list[str]:
-    """Per rule code: alarms, alarms per 100 logs, runs raising it; then every run."""
+def _accuracy(outcome: Outcome) -> str:
+    return "-" if outcome.accuracy is None else f"{outcome.accuracy:.1f}"
+
+
+def healthy_table(outcomes: Sequence[Outcome], half: str = "tuning") -> list[str]:
+    """Per rule code: false alarms (warnings and errors), per 100 logs, runs raising one,
+    and info episodes (news, not alarms); then every run with its last validation
+    accuracy, which says it was healthy."""
     logs = sum(o.logs for o in outcomes)
-    lines = [f"healthy matrix: {len(outcomes)} runs, {logs} logs (statistics rows); every "
-             "alarm here is a false alarm",
-             f"{'rule code':<22}{'alarms':>8}{'per 100 logs':>14}{'runs':>9}"]
+    lines = [f"healthy matrix, {half} half: {len(outcomes)} runs, {logs} logs (statistics "
+             "rows); every warning or error here is a false alarm",
+             f"{'rule code':<22}{'alarms':>8}{'per 100 logs':>14}{'runs':>9}{'info':>6}"]
     codes = list(DIAGNOSTIC_CODES) + sorted(
         {a.code for o in outcomes for a in o.alarms} - set(DIAGNOSTIC_CODES))
     for code in [*codes, "all"]:
-        hits = [a for o in outcomes for a in o.alarms if code in ("all", a.code)]
-        runs = sum(any(code in ("all", a.code) for a in o.alarms) for o in outcomes)
+        def matches(alarm: Alarm, code: str = code) -> bool:
+            return code in ("all", alarm.code)
+        hits = [a for o in outcomes for a in o.false_alarms if matches(a)]
+        infos = sum(matches(a) and not a.alarming for o in outcomes for a in o.alarms)
+        runs = sum(any(matches(a) for a in o.false_alarms) for o in outcomes)
         rate = 100 * len(hits) / logs if logs else math.nan
-        lines.append(f"{code:<22}{len(hits):>8}{rate:>14.2f}{f'{runs}/{len(outcomes)}':>9}")
+        lines.append(f"{code:<22}{len(hits):>8}{rate:>14.2f}{f'{runs}/{len(outcomes)}':>9}"
+                     f"{infos:>6}")
     width = max((len(o.job.case.name) for o in outcomes), default=6)
-    lines += ["", f"{'config':<{width}}  {'seed':>4} {'logs':>5} {'s':>5}  alarms (first step)"]
+    lines += ["", f"{'config':<{width}}  {'seed':>4} {'logs':>5} {'s':>5} {'val %':>6}  "
+              "alarms (first step)"]
     for o in outcomes:
         alarms = _counts(o.alarms) or "-"
         problem = f"  PROBLEM: {o.problem}" if o.problem else ""
         lines.append(f"{o.job.case.name:<{width}}  {o.job.seed:>4} {o.logs:>5} "
-                     f"{_seconds(o):>5}  {alarms}{problem}")
+                     f"{_seconds(o):>5} {_accuracy(o):>6}  {alarms}{problem}")
     return lines
 
 
@@ -567,10 +695,12 @@ def verdicts(evaluation: Evaluation) -> list[str]:
     healthy_runs = [o for o in evaluation.outcomes if o.job.kind == "healthy"]
     sick = [o for o in evaluation.outcomes if o.job.kind == "pathology"]
     lines = []
-    if healthy_runs:
-        quiet = sum(not o.alarms for o in healthy_runs)
-        lines.append(f"[{'PASS' if quiet == len(healthy_runs) else 'FAIL'}] healthy runs "
-                     f"raising no diagnostic: {quiet} of {len(healthy_runs)}")
+    for half in HALVES:
+        runs = [o for o in healthy_runs if getattr(o.job.case, "half", "tuning") == half]
+        if runs:
+            quiet = sum(not o.false_alarms for o in runs)
+            lines.append(f"[{'PASS' if quiet == len(runs) else 'FAIL'}] healthy runs of the "
+                         f"{half} half raising no warning: {quiet} of {len(runs)}")
     if sick:
         all_checks = [c for o in sick for c in checks(o)]
         met = sum(c.passed for c in all_checks)
@@ -584,8 +714,8 @@ def verdicts(evaluation: Evaluation) -> list[str]:
 
 
 def exit_status(evaluation: Evaluation) -> int:
-    """1 when a healthy run raised a diagnostic, a pathology missed a budget or a run
-    failed; else 0."""
+    """1 when a healthy run raised a warning or an error, a pathology missed a budget or a
+    run failed; else 0."""
     return 1 if any(line.startswith("[FAIL]") for line in verdicts(evaluation)) else 0
 
 
@@ -594,8 +724,10 @@ def report(evaluation: Evaluation) -> str:
     healthy_runs = [o for o in evaluation.outcomes if o.job.kind == "healthy"]
     sick = [o for o in evaluation.outcomes if o.job.kind == "pathology"]
     lines: list[str] = []
-    if healthy_runs:
-        lines += ["", *healthy_table(healthy_runs)]
+    for half in HALVES:
+        runs = [o for o in healthy_runs if getattr(o.job.case, "half", "tuning") == half]
+        if runs:
+            lines += ["", *healthy_table(runs, half)]
     if sick:
         lines += ["", *pathology_table(sick)]
     trained = sum(o.seconds or 0.0 for o in evaluation.outcomes)
@@ -617,23 +749,30 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("healthy", "pathology"), help="one matrix only")
+    p.add_argument("--only", choices=("healthy", *HALVES, "pathology"),
+                   help="one matrix only (healthy: both halves), or one half of the healthy one")
+    p.add_argument("--match", metavar="TEXT", default="",
+                   help="only the cases whose name contains TEXT")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
     p.add_argument("--keep", type=Path, metavar="DIR",
                    help="write the run databases (and train.py's output) here and keep them")
     p.add_argument("--replay", type=Path, metavar="DIR",
                    help="no training: today's rules over the databases a --keep run left")
     p.add_argument("--seeds", type=_seeds, default=SEEDS, metavar="S1,S2",
-                   help="the healthy runs' seeds (default 0,1; others are a held-out check "
+                   help="the tuning half's seeds (default 0,1; others are a held-out check "
                         "of rules tuned on those)")
+    p.add_argument("--evaluation-seeds", type=_seeds, default=EVALUATION_SEEDS,
+                   metavar="S1,S2", help="the evaluation half's seeds (default 2)")
     args = p.parse_args(argv)
-    kinds = (args.only,) if args.only else ("healthy", "pathology")
-    jobs = jobs_for(HEALTHY if "healthy" in kinds else (),
-                    PATHOLOGIES if "pathology" in kinds else (), args.seeds)
+    halves = HALVES if args.only in (None, "healthy") else (args.only,)
+    jobs = jobs_for(
+        [c for c in HEALTHY if c.half in halves and args.match in c.name],
+        [c for c in PATHOLOGIES if args.only in (None, "pathology") and args.match in c.name],
+        args.seeds, args.evaluation_seeds)
     if args.replay:
         evaluation = replay(args.replay, jobs)
     else:
-        print(f"{len(jobs)} train.py runs, {args.jobs} at a time", flush=True)
+        print(f"{len(jobs)} training runs, {args.jobs} at a time", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             workdir = args.keep or Path(tmp)
             workdir.mkdir(parents=True, exist_ok=True)

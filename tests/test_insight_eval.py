@@ -52,7 +52,7 @@ def test_report_has_both_tables(evaluated: tuple[insight.Evaluation, Path]) -> N
     assert run_line.split()[1:3] == ["0", str(healthy.logs)]
     (case_line,) = [line for line in lines if line.startswith(f"{INITIAL_LOSS.name} ")]
     assert case_line.split()[1:6] == ["initial_loss", "0", "0", "0", "PASS"]
-    assert f"healthy matrix: 1 runs, {healthy.logs} logs" in text
+    assert f"healthy matrix, tuning half: 1 runs, {healthy.logs} logs" in text
     assert "wall time of the evaluation" in text
     assert sick.job.case.budgets == {"initial_loss": 0}
 
@@ -72,6 +72,10 @@ def test_exit_status(evaluated: tuple[insight.Evaluation, Path]) -> None:
     noisy = replace(healthy, alarms=[insight.Alarm("loss_flat", 10, None)])
     assert insight.exit_status(insight.Evaluation([quiet, sick], 1.0)) == 0
     assert insight.exit_status(insight.Evaluation([noisy, sick], 1.0)) == 1
+    # news is no alarm: a healthy run told it converged still passes
+    news = replace(healthy, alarms=[insight.Alarm("converged", 10, None, "info")])
+    assert not news.false_alarms
+    assert insight.exit_status(insight.Evaluation([news, sick], 1.0)) == 0
     assert insight.exit_status(insight.Evaluation([replace(quiet, problem="crashed")], 1.0)) == 1
     assert insight.exit_status(evaluation) == (1 if healthy.alarms else 0)
 

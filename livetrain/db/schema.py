@@ -259,9 +259,13 @@ statistics = Table(
     Column("epoch", Integer, nullable=False),
     Column("dt", UTCDateTime(), nullable=False),
     Column("optimizer", Text, nullable=False),
-    Column("learning_rate", Double, nullable=False),
+    Column("learning_rate", Double, nullable=False),  # in force at the step's update
     Column("weight_decay", Double, nullable=False),
     Column("dropout", Integer, nullable=False),
+    # The lr the run was set to (at its start or from the board) that its scheduler scaled
+    # into learning_rate: their ratio is the schedule's factor, which the health rules
+    # read as intended (issue 21). NULL in rows of older versions: no schedule known.
+    Column("base_learning_rate", Double),
     Column("train_loss", Double),
     Column("train_accuracy", Double),
     Column("validate_loss", Double),

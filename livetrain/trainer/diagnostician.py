@@ -16,6 +16,7 @@ from livetrain.trainer.diagnostics import (
     HISTORY_LOGS,
     RULES,
     Finding,
+    RunFacts,
     StepRecord,
     sig,
 )
@@ -36,6 +37,7 @@ class Diagnostician:
         if num_classes is not None and num_classes < 2:
             raise ValueError(f"need at least 2 classes, got {num_classes}")
         self.num_classes = num_classes
+        self.facts = RunFacts(num_classes or 0)
         self._history: deque[StepRecord] = deque(maxlen=HISTORY_LOGS)
         self.episodes = EpisodeBook()
         self._ceiling = math.inf  # the lowest lr this run has blown up at
@@ -60,7 +62,7 @@ class Diagnostician:
     def findings(self, record: StepRecord) -> list[Finding]:
         """Every condition that holds at this record, with fixes kept below a blow-up."""
         history = tuple(self._history)
-        found = [finding for rule in RULES for finding in rule(history, self.num_classes or 0)]
+        found = [finding for rule in RULES for finding in rule(history, self.facts)]
         if any(f.code == "non_finite" for f in found):
             self.note_blow_up(record.learning_rate)
         return [self._within_ceiling(f, record.learning_rate) for f in found]
@@ -74,4 +76,7 @@ class Diagnostician:
                 self._history.pop()
             changes = self.episodes.roll_back(record.step)
         self._history.append(record)
+        if self.facts.start_loss is None and record.step > 0 and record.train_loss_measured \
+                and math.isfinite(record.train_loss):
+            self.facts = replace(self.facts, start_loss=record.train_loss)
         return changes + self.episodes.update(record.step, self.findings(record))

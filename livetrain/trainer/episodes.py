@@ -61,6 +61,10 @@ class AlertChange:
     def layer(self) -> str | None:
         return self.episode.layer
 
+    @property
+    def level(self) -> str:
+        return self.episode.finding.level
+
 
 def _worse(finding: Finding, worst: float | None) -> float | None:
     value = finding.value

@@ -155,6 +155,7 @@ class Logbook:
         run.writer.statistics({
             "step": run.global_step, "epoch": run.epoch, "dt": now(),
             "optimizer": ran_with.optimizer, "learning_rate": lr,
+            "base_learning_rate": ran_with.learning_rate,
             "weight_decay": ran_with.weight_decay, "dropout": ran_with.dropout,
             "train_loss": interval.loss, "train_accuracy": interval.accuracy,
             "train_loss_count": interval.steps or None, "train_loss_std": interval.loss_std,
@@ -191,7 +192,10 @@ class Logbook:
             validate_loss_se=None if validation is None
             else _standard_error(validation.loss_std, validation.batches),
             train_loss_measured=interval.loss is not None,
-            learning_rate=lr, optimizer=ran_with.optimizer,
+            train_accuracy=interval.accuracy,
+            validate_accuracy=None if validation is None else validation.accuracy,
+            learning_rate=lr, base_learning_rate=ran_with.learning_rate,
+            optimizer=ran_with.optimizer,
             weight_decay=ran_with.weight_decay, dropout=ran_with.dropout,
             layers=tuple(LayerRecord(
                 name=r["layer_name"], act_mean=_float(r["act_mean"]),
