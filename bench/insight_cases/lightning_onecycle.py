@@ -82,7 +82,8 @@ def main() -> None:
     pl.seed_everything(args.seed, verbose=False)
     train, val = digits(args.seed)
     live = LiveTrainingCallback(db=args.db, name="lightning-onecycle", log_every=args.log_every,
-                                num_classes=10, dataset="digits")
+                                num_classes=10, dataset="digits",
+                                config={"num_classes": 10})  # what a replay reads back
     trainer = pl.Trainer(max_steps=args.max_steps, max_epochs=-1, callbacks=[live],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1)
