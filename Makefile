@@ -25,8 +25,9 @@ browser:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Two tests at a time (pytest-xdist): most of them wait on a trainer or a board they start.
 test: $(STAMP) browser lint
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2
 
 # The README's pictures: the browser tests that take them, writing docs/*.png (a plain
 # `make test` saves them in temporary folders and leaves the work tree clean).

@@ -16,6 +16,7 @@ import time
 from itertools import pairwise
 from pathlib import Path
 
+from conftest import ServerLock
 from test_train_e2e import SqlClient, max_step, trainer, wait_for
 
 OUTAGE_SECONDS = 30
@@ -60,7 +61,9 @@ def recover_and_steer(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> No
     assert proc.wait(timeout=90) == 0
 
 
-def test_postgresql_restart_mid_run(tmp_path: Path, postgres_url: str) -> None:
+def test_postgresql_restart_mid_run(tmp_path: Path, postgres_server: ServerLock,
+                                    postgres_url: str) -> None:
+    postgres_server.own()  # the other tests wait while the server is down
     with trainer(tmp_path, postgres_url, "--buffer-rows", BUFFER_ROWS) as proc:
         sql = wait_for("the database", lambda: SqlClient(postgres_url), timeout=30)
         run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]

@@ -60,7 +60,7 @@ def test_train_py_cosine_schedule_to_its_end_raises_no_warning(tmp_path: Path) -
     db = tmp_path / "cosine.db"
     run_program([str(ROOT / "train.py"), "--db", f"sqlite:///{db}", "--no-progress",
                  "--checkpoint-dir", str(tmp_path / "ck"), "--dataset", "digits",
-                 "--lr-schedule", "cosine", "--lr", "0.001", "--log-every", "5",
+                 "--lr-schedule", "cosine", "--lr", "0.001", "--log-every", "10",
                  "--max-steps", "300", "--epochs", "1000", "--val-batches", "2"], tmp_path)
     assert final_schedule_factor(db) < 0.01
     (low,) = read(db, "SELECT count(*) FROM layer_statistics WHERE step > 250 "
@@ -83,7 +83,7 @@ def test_lightning_onecycle_to_its_end_raises_no_warning(tmp_path: Path) -> None
 def test_hugging_face_default_schedule_to_its_end_raises_no_warning(tmp_path: Path) -> None:
     db = tmp_path / "hf.db"
     run_program([str(ROOT / "examples" / "hf_text_classification.py"), "--db", f"sqlite:///{db}",
-                 "--max-steps", "200", "--log-every", "5",
+                 "--max-steps", "200", "--log-every", "10",
                  "--output-dir", str(tmp_path / "hf")], tmp_path)
     (steps,) = read(db, "SELECT max(step) FROM statistics")[0]
     assert steps == 200

