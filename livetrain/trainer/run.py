@@ -42,11 +42,12 @@ from livetrain.trainer.ownership import say, trainer_identity
 from livetrain.trainer.resuming import resume_run
 from livetrain.trainer.signals import StopSignal
 from livetrain.trainer.steering import (
-    RefusedError,
     apply_parameters,
     follow_schedules,
     learning_rate_in_force,
     optimizer_name,
+    refusals,
+    sparse_refusal,
 )
 from livetrain.trainer.telemetry import (
     IntervalMetrics,
@@ -63,8 +64,10 @@ def initial_parameters(model: nn.Module, optimizer: torch.optim.Optimizer,
     """The run's first parameters row, read from the user's optimizer and model: group 0's
     lr (a scheduler's base lr, when there is one) and weight decay, the first dropout's p.
     ValueError when the board could not steer them (an unknown optimizer, a value out of
-    the contract's range)."""
+    the contract's range, an optimizer that cannot update the model's sparse gradients)."""
     name = optimizer_name(optimizer)
+    if why := sparse_refusal(model, optimizer):
+        raise ValueError(f"LiveRun cannot steer this run: {why}")
     group = optimizer.param_groups[0]
     lr = schedulers[0].base_lrs[0] if schedulers and hasattr(schedulers[0], "base_lrs") \
         else group["lr"]
@@ -498,11 +501,19 @@ class LiveRun:
 
     # -- how changes reach the optimizer (what a framework integration overrides) -----------
 
+    def refusals(self, current: Hyperparameters, new: Hyperparameters) -> dict[str, str]:
+        """The values of `new` this run cannot take, by column, with why: what the model
+        and optimizer cannot take (steering.refusals), and a switch the framework cannot
+        put in force. Only changed values are named."""
+        refused = refusals(self.model, self.optimizer, current, new)
+        if new.optimizer != current.optimizer and "optimizer" not in refused \
+                and (why := self.switch_refusal()):
+            refused["optimizer"] = f"optimizer={new.optimizer}: {why}"
+        return refused
+
     def apply_parameters(self, current: Hyperparameters, new: Hyperparameters) -> None:
-        """Bring model and optimizer from `current` to `new`. ValueError (nothing changed)
-        when the model cannot take them; RefusedError when the framework cannot."""
-        if new.optimizer != current.optimizer and (why := self.switch_refusal()):
-            raise RefusedError("optimizer", f"optimizer={new.optimizer}: {why}")
+        """Bring model and optimizer from `current` to `new`, which `refusals` has cleared;
+        ValueError (nothing changed) when the model cannot take them all the same."""
         optimizer = apply_parameters(self.model, self.optimizer, current, new, self.schedulers)
         if optimizer is not self.optimizer:
             self.replace_optimizer(optimizer)
