@@ -463,9 +463,9 @@ def test_a_switch_the_framework_refuses_leaves_the_other_values(
 
 
 def test_config_keys_learnt_later_are_merged_also_through_a_spill(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, db_url: str
 ) -> None:
-    store = Store(sqlite_url)
+    store = Store(db_url)
     run_id = store.create_run("r", "m", "d", {"lr": 0.1, "device": "cpu"},
                               Hyperparameters("Adam", 1e-3, 0.0, 0))
     writer = BackgroundWriter(store, run_id)
