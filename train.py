@@ -38,12 +38,13 @@ from livetrain.playground.data import (
 from livetrain.playground.models import ModelUnavailable, build_model, initialize
 from livetrain.playground.options import parse_args, resume_options
 from livetrain.playground.schedules import lr_scheduler
-from livetrain.playground.user_model import build_user_model, is_user_model
+from livetrain.playground.user_model import build_user_model, first_batch, is_user_model
 from livetrain.trainer.allocator import keep_freed_memory
 from livetrain.trainer.distributed import Ranks
+from livetrain.trainer.inspection import model_device
 from livetrain.trainer.ownership import say
 from livetrain.trainer.signals import StopSignal
-from livetrain.trainer.steering import build_optimizer, trainable
+from livetrain.trainer.steering import build_optimizer, sparse_refusal, trainable
 from livetrain.trainer.telemetry import evaluate
 
 
@@ -82,14 +83,16 @@ def build(args: argparse.Namespace, ranks: Ranks, device: torch.device) -> Playg
     else:
         model = build_model(args.model, *shape, dropout=args.dropout / 100,
                             pretrained=args.pretrained, transfer=args.transfer)
-    initialize(model, args.init)
-    model.to(device)
     if args.overfit_batches:  # seed 003: first make sure the model can learn a little
         train_set = Subset(train_set, range(min(len(train_set),
                                                 args.overfit_batches * args.batch_size)))
     train_loader, val_loader = make_loaders(
         train_set, val_set, args.batch_size, args.workers, args.seed,
         shard=(ranks.rank, ranks.world_size) if ranks.distributed else None)
+    if is_user_model(args.model):  # lazy layers take their shapes before anything reads them
+        first_batch(args.model, model, val_loader, info.num_classes)
+    initialize(model, args.init)
+    model.to(device)
     return Playground(model, ranks.wrap(model, device), train_loader, val_loader, info,
                       len(train_set), len(val_set))
 
@@ -131,7 +134,7 @@ def resolved_options(args: argparse.Namespace, ranks: Ranks,
 def train(run: LiveRun, play: Playground, args: argparse.Namespace, ranks: Ranks,
           scheduler: torch.optim.lr_scheduler.LRScheduler | None, bar: ProgressBar) -> None:
     """The epochs: an ordinary PyTorch loop, steered through `run`."""
-    device = next(play.model.parameters()).device
+    device = model_device(play.model)
     while run.epoch <= args.epochs and not run.should_stop:
         epoch, rollbacks = run.epoch, run.rollbacks
         if ranks.distributed:
@@ -141,7 +144,8 @@ def train(run: LiveRun, play: Playground, args: argparse.Namespace, ranks: Ranks
             logits = play.net(x)
             loss = nn.functional.cross_entropy(logits, y)
             run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # else a parameter-free or frozen model: nothing learns
+                loss.backward()
             run.optimizer.step()
             if scheduler is not None:
                 scheduler.step()
@@ -219,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     optimizer = build_optimizer(args.optimizer, trainable(play.model), args.lr, args.weight_decay)
+    if why := sparse_refusal(play.model, optimizer):
+        print(f"error: --model {args.model} with --optimizer {args.optimizer}: {why}",
+              file=sys.stderr)
+        return 1
     total = min(args.epochs * len(play.train_loader), args.max_steps or sys.maxsize)
     scheduler = lr_scheduler(args.lr_schedule, optimizer, total)
     name = args.run_name or f"{args.model}-{play.info.name}-{now():%Y%m%d-%H%M%S}"

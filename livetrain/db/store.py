@@ -350,6 +350,7 @@ class Batch:
     # Written before anything else in the batch: a rollback to this step moves the
     # live path's later statistics to abandoned_statistics and drops later telemetry.
     abandon_after: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # keys merged into runs.config
     heartbeat: datetime | None = None
     status: str | None = None
     ended: datetime | None = None
@@ -363,6 +364,7 @@ class Batch:
             self.rows()
             + len(self.removed_checkpoints)
             + (self.abandon_after is not None)
+            + bool(self.config)
             + (self.heartbeat is not None)
             + (self.status is not None)
         )
@@ -554,13 +556,21 @@ class Store:
         """Merge a trainer's identity (host, pid, the pid's start time) into the run's
         config: a resumed run belongs to this process now, and the next `--resume`
         asks whether this one still lives, not the trainer before it."""
-        runs = s.runs
         with self.engine.begin() as conn:
-            config = conn.execute(
-                select(runs.c.config).where(runs.c.run_id == run_id)
-            ).scalar_one_or_none()
-            merged = (config if isinstance(config, dict) else {}) | dict(identity)
-            conn.execute(update(runs).where(runs.c.run_id == run_id).values(config=merged))
+            self._merge_config(conn, run_id, identity)
+
+    @staticmethod
+    def _merge_config(conn: Connection, run_id: int, values: Mapping[str, Any]) -> None:
+        """Set some keys of the run's config, keeping the others: what is learnt about a
+        run after it was created (a lazy model's parameter count) must not clobber the
+        options it was created with. The row is locked on PostgreSQL, so two merges
+        cannot lose each other's keys."""
+        runs = s.runs
+        config = conn.execute(
+            select(runs.c.config).where(runs.c.run_id == run_id).with_for_update()
+        ).scalar_one_or_none()
+        merged = (config if isinstance(config, dict) else {}) | dict(values)
+        conn.execute(update(runs).where(runs.c.run_id == run_id).values(config=merged))
 
     def checkpoints(self, run_id: int) -> list[dict[str, Any]]:
         """The run's checkpoints on record, oldest first."""
@@ -754,6 +764,8 @@ class Store:
                         dt_applied=last["dt_applied"],
                     )
                 )
+            if batch.config:
+                self._merge_config(conn, run_id, batch.config)
             run_values: dict[str, Any] = {}
             if batch.heartbeat is not None:
                 run_values["dt_heartbeat"] = batch.heartbeat

@@ -92,6 +92,11 @@ class BackgroundWriter:
     def checkpoint_removed(self, step: int) -> None:
         self._queue.put(("removed_checkpoint", step))
 
+    def config(self, values: dict[str, Any]) -> None:
+        """Keys to set in runs.config, the others kept (e.g. a parameter count known
+        only once a lazy model has seen its first batch)."""
+        self._queue.put(("config", dict(values)))
+
     def rollback(self, step: int) -> None:
         """The run went back to `step`: rows queued before this call belong to the
         abandoned branch, rows queued after it to the live path."""
@@ -125,6 +130,8 @@ class BackgroundWriter:
             getattr(batch, kind).extend(item)
         elif kind == "ack":
             batch.acknowledgements.append(item)
+        elif kind == "config":
+            batch.config.update(item)
         elif kind == "status":
             batch.status, ended = item
             batch.ended = ended or batch.ended
@@ -218,7 +225,8 @@ class BackgroundWriter:
         singles += [Batch(**{name: [r]}) for name in ROW_TABLES for r in getattr(batch, name)]
         singles += [Batch(removed_checkpoints=[s]) for s in batch.removed_checkpoints]
         singles += [Batch(acknowledgements=[r]) for r in batch.acknowledgements]
-        singles.append(Batch(heartbeat=batch.heartbeat, status=batch.status, ended=batch.ended))
+        singles.append(Batch(config=batch.config, heartbeat=batch.heartbeat,
+                             status=batch.status, ended=batch.ended))
         singles = [single for single in singles if len(single)]
         for i, single in enumerate(singles):
             try:
@@ -340,7 +348,7 @@ class SpillFiles:
 def _encode(batch: Batch) -> str:
     head = {"format": SPILL_FORMAT, "abandon_after": batch.abandon_after,
             "heartbeat": batch.heartbeat, "status": batch.status, "ended": batch.ended,
-            "removed_checkpoints": batch.removed_checkpoints}
+            "removed_checkpoints": batch.removed_checkpoints, "config": batch.config}
     lines = [json.dumps(head, default=_iso)]
     lines += [json.dumps({"table": name, "row": row}, default=_iso)
               for name in _SPILLED_ROWS for row in getattr(batch, name)]
@@ -365,7 +373,11 @@ def _decode(text: str) -> Batch:
     if not (head.get("abandon_after") is None or _integer(head["abandon_after"])) or not (
             head.get("status") is None or head["status"] in s.RUN_STATUSES):
         raise ValueError("abandon_after or status is not valid")
+    config = head.get("config", {})  # spill files of earlier versions have none
+    if not isinstance(config, dict):
+        raise ValueError("config is not a mapping")
     batch = Batch(removed_checkpoints=steps, abandon_after=head.get("abandon_after"),
+                  config=config,
                   heartbeat=_moment(head.get("heartbeat")), status=head.get("status"),
                   ended=_moment(head.get("ended")))
     for number, line in enumerate(lines[1:], start=2):
@@ -407,6 +419,7 @@ def _merge(batches: list[Batch]) -> Batch:
             getattr(merged, name).extend(getattr(b, name))
         merged.removed_checkpoints.extend(b.removed_checkpoints)
         merged.acknowledgements.extend(b.acknowledgements)
+        merged.config.update(b.config)
         merged.abandon_after = b.abandon_after if b.abandon_after is not None else (
             merged.abandon_after)
         merged.heartbeat = b.heartbeat or merged.heartbeat
@@ -431,6 +444,9 @@ class NullWriter:
         pass
 
     def checkpoint_removed(self, step: int) -> None:
+        pass
+
+    def config(self, values: dict[str, Any]) -> None:
         pass
 
     def rollback(self, step: int) -> None:

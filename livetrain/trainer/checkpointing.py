@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from livetrain.db.contract import Hyperparameters, validate
 from livetrain.trainer.steering import build_optimizer, trainable
@@ -136,9 +137,12 @@ def _parameters(saved: dict[str, Any]) -> Hyperparameters:
 
 
 def _check_weights(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> None:
+    """Same names, shapes and dtypes; a lazy layer that has no shape yet takes the
+    saved one when it is loaded."""
     misfits = sorted(set(ours) ^ set(theirs)) or [
         name for name, tensor in theirs.items()
-        if tensor.shape != ours[name].shape or tensor.dtype != ours[name].dtype
+        if (not is_lazy(ours[name]) and tensor.shape != ours[name].shape)
+        or tensor.dtype != ours[name].dtype
     ]
     if misfits:
         raise ValueError(f"its weights do not fit this model ({', '.join(misfits[:3])})")
@@ -180,8 +184,9 @@ def _optimizer(
 
 
 def _optimizer_state_problem(optimizer: torch.optim.Optimizer) -> str | None:
-    """Each saved buffer is a float tensor shaped like its parameter, or a scalar
-    (a step count), or None: anything else would fail at the next update."""
+    """Each saved buffer is a float tensor shaped like its parameter (a lazy one takes
+    its shape from the saved weights), or a scalar (a step count), or None: anything
+    else would fail at the next update."""
     for parameter, buffers in optimizer.state.items():
         if not isinstance(parameter, torch.Tensor) or not isinstance(buffers, dict):
             return "a state entry names no parameter of this model"
@@ -190,7 +195,7 @@ def _optimizer_state_problem(optimizer: torch.optim.Optimizer) -> str | None:
                 continue
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 return f"{name} is not a float tensor"
-            if value.dim() and value.shape != parameter.shape:
+            if value.dim() and not is_lazy(parameter) and value.shape != parameter.shape:
                 return f"{name} has shape {tuple(value.shape)}, not {tuple(parameter.shape)}"
     return None
 

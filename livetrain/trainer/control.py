@@ -12,6 +12,7 @@ they all apply it at the same step.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,6 @@ from livetrain.db.contract import Hyperparameters
 from livetrain.db.store import ParameterState, now
 from livetrain.trainer.checkpointing import CheckpointRefusedError, read_checkpoint, restorable
 from livetrain.trainer.ownership import say
-from livetrain.trainer.steering import RefusedError
 
 if TYPE_CHECKING:
     from livetrain.trainer.checkpointing import Checkpoint, Restorable
@@ -117,10 +117,13 @@ class Controller:
         """Apply a new parameters version at this step boundary.
 
         A value that is invalid (forced past the constraints, or written into an SQLite
-        table older than its type checks) or that the model cannot take is rejected with
-        a warning, and what was in force stays: all hyperparameters if one is bad, the
-        one control (stop, pause, rollback) whose column is bad. The rest of the version
-        is still honoured: a valid stop always stops.
+        table older than its type checks) is rejected with a warning, and what was in
+        force stays: all hyperparameters if one is bad, the one control (stop, pause,
+        rollback) whose column is bad. A valid value that this model or framework cannot
+        take (a dropout without a dropout layer, Adam or a weight decay for sparse
+        gradients, a switch the framework refuses) is refused alone: the other values
+        of the version still apply. The rest of the version is still honoured: a valid
+        stop always stops.
         """
         run = self.run
         new, errors = state.hyperparameters()
@@ -128,18 +131,18 @@ class Controller:
         fresh_request = state.new_rollback_request(self.handled_rollback) \
             and state.rollback_step is not None  # a bad step is answered by the rejection
         wants_rollback = fresh_request and "rollback_step" not in bad
-        if new is not None and new != self.params and not wants_rollback and not self.paused:
-            run.checkpoint("before_change")  # so a bad change can be undone
         restored = None
         if fresh_request:
             self.handled_rollback = state.rollback_request
         if wants_rollback:
             restored = self.roll_back(state.rollback_step)
-        if new is not None:
+        if new is not None:  # weighed against what is in force now, after any rollback
+            new, refused = self.fitting(new)
+            errors |= refused
+            if new != self.params and not wants_rollback and not self.paused:
+                run.checkpoint("before_change")  # so a bad change can be undone
             try:
                 run.apply_parameters(self.params, new)
-            except RefusedError as exc:
-                new, errors = None, {exc.column: str(exc)}
             except (ValueError, RuntimeError) as exc:
                 new, errors = None, {"model": f"the model cannot take it ({exc})"}
         before = (self.stopping, self.paused)
@@ -153,6 +156,17 @@ class Controller:
                 return  # nothing of this version was adopted
         self.acknowledge(state, new, restored, resumed=before[1] and not self.paused)
         self.params = new or self.params
+
+    def fitting(self, new: Hyperparameters) -> tuple[Hyperparameters, dict[str, str]]:
+        """`new` less the values this run cannot take, each put back to the one in force,
+        and why each was refused. A refusal names a changed value only, so each round
+        puts one back and this ends; a second round catches what a first refusal
+        changes (a switch refused, its weight decay then weighed for the old optimizer)."""
+        refused: dict[str, str] = {}
+        while why := self.run.refusals(self.params, new):
+            refused |= why
+            new = dataclasses.replace(new, **{c: getattr(self.params, c) for c in why})
+        return new, refused
 
     def acknowledge(self, state: ParameterState, new: Hyperparameters | None,
                     restored: int | None, resumed: bool = False) -> None:

@@ -63,8 +63,10 @@ class Ranks:
         return torch.device(requested)
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """DistributedDataParallel around the model (which stays the one to inspect and save)."""
-        if not self.distributed:
+        """DistributedDataParallel around the model (which stays the one to inspect and
+        save); not around a model with nothing to train, which DDP refuses and which has
+        no gradients to average."""
+        if not self.distributed or not any(p.requires_grad for p in model.parameters()):
             return model
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)

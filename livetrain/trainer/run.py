@@ -36,17 +36,24 @@ from livetrain.db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
 from livetrain.trainer.checkpointing import Checkpoint, CheckpointRing, Restorable
 from livetrain.trainer.control import Controller, describe
 from livetrain.trainer.distributed import Ranks
+from livetrain.trainer.inspection import (
+    awaits_first_batch,
+    model_device,
+    parameters_count,
+    trains_anything,
+)
 from livetrain.trainer.layers import dropout_percent, set_dropout
 from livetrain.trainer.logbook import Logbook, Validate, validation_figures
 from livetrain.trainer.ownership import say, trainer_identity
 from livetrain.trainer.resuming import resume_run
 from livetrain.trainer.signals import StopSignal
 from livetrain.trainer.steering import (
-    RefusedError,
     apply_parameters,
     follow_schedules,
     learning_rate_in_force,
     optimizer_name,
+    refusals,
+    sparse_refusal,
 )
 from livetrain.trainer.telemetry import (
     IntervalMetrics,
@@ -63,8 +70,10 @@ def initial_parameters(model: nn.Module, optimizer: torch.optim.Optimizer,
     """The run's first parameters row, read from the user's optimizer and model: group 0's
     lr (a scheduler's base lr, when there is one) and weight decay, the first dropout's p.
     ValueError when the board could not steer them (an unknown optimizer, a value out of
-    the contract's range)."""
+    the contract's range, an optimizer that cannot update the model's sparse gradients)."""
     name = optimizer_name(optimizer)
+    if why := sparse_refusal(model, optimizer):
+        raise ValueError(f"LiveRun cannot steer this run: {why}")
     group = optimizer.param_groups[0]
     lr = schedulers[0].base_lrs[0] if schedulers and hasattr(schedulers[0], "base_lrs") \
         else group["lr"]
@@ -143,7 +152,9 @@ class LiveRun:
         self.log_due: tuple[bool, Hyperparameters, float] | None = None
         self.status: str | None = None
         self.ranks = Ranks()
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
+        # Lazy layers without shapes yet: nothing to count or save until the first batch.
+        self.shapeless = awaits_first_batch(model)
         self.stop = StopSignal(install=handle_signals)
         self.url = resolve_url(db)
         self.store: Store | None = open_store(db) if self.ranks.is_main else None
@@ -212,9 +223,11 @@ class LiveRun:
         say(f"run {self.run_id}{label} on {self.device}{where}, database {describe_url(self.url)}")
 
     def _config(self, config: Mapping[str, Any] | None) -> dict[str, Any]:
-        """The user's config plus what tells this process and its setup apart."""
+        """The user's config plus what tells this process and its setup apart. A lazy
+        model's parameter count is merged in once its first batch has shaped it."""
+        counted = {} if self.shapeless else {"parameters_count": parameters_count(self.model)}
         return {
-            "parameters_count": sum(p.numel() for p in self.model.parameters()),
+            **counted,
             "device": str(self.device),
             "world_size": self.ranks.world_size,
             "python": platform.python_version(),
@@ -230,6 +243,12 @@ class LiveRun:
         if self.resumed is None:
             self.writer.event("info", "run_started", f"run {self.run_id} started: "
                               f"{describe(self.control.params)}", step=0)
+            if not trains_anything(self.optimizer):
+                self.writer.event(
+                    "warning", "nothing_to_train", "the optimizer holds no parameter that "
+                    "can learn (a parameter-free or frozen model): each step measures the "
+                    "loss, no update changes the model, and the learning rate, weight decay "
+                    "and optimizer have nothing to act on", step=0)
             if self.logbook.validate is not None:
                 self.logbook.log(full_validation=False)  # the untrained model: initial loss
             self.checkpoint("initial")
@@ -460,15 +479,32 @@ class LiveRun:
         self.finishing = False
 
     def _after_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        """Between two validation batches: a change need not wait for the whole pass."""
+        """After the model's forward pass: the first one may have shaped lazy layers;
+        between two validation batches, a change need not wait for the whole pass."""
+        if self.shapeless and not awaits_first_batch(self.model):
+            self._shaped()
         if self.validating:
             self.control.poll(during_log=True)
+
+    def _shaped(self) -> None:
+        """The first batch has given the lazy layers their shapes: the parameter count
+        goes into runs.config, and the initial checkpoint, which had nothing to save
+        before, is taken now (still step 0: no update can have run before this pass)."""
+        self.shapeless = False
+        count = parameters_count(self.model)
+        self.writer.config({"parameters_count": count})
+        self.writer.event("info", "model_shaped", f"the lazy layers took their shapes from "
+                          f"the first batch: {count:,} parameters", step=self.global_step)
+        if self.global_step == 0:
+            self.checkpoint("initial")
 
     # -- checkpoints and rollback -----------------------------------------------------------
 
     def checkpoint(self, reason: str, wait: bool = False) -> None:
-        if not self.ranks.is_main:
-            return  # the ranks hold the same weights: rank 0 saves them
+        """Save the model and optimizer on rank 0 (the ranks hold the same weights); not
+        while lazy layers have no shapes (see `_shaped`)."""
+        if not self.ranks.is_main or self.shapeless:
+            return
         self.ring.save(self.global_step, self.epoch, self.model, self.optimizer,
                        {"run_id": self.run_id, "parameters": vars(self.control.params)},
                        reason, wait=wait)
@@ -477,6 +513,7 @@ class LiveRun:
         """Put a checked checkpoint into the live model and optimizer (nothing here can
         fail: it was checked); later rows become a branch."""
         self.model.load_state_dict(loaded.model_state)  # copies into the optimizer's params
+        self.shapeless = awaits_first_batch(self.model)  # lazy layers take the saved shapes
         loaded.model_state.clear()  # the model holds the weights now: no second copy kept
         was = self.optimizer
         if type(loaded.optimizer) is type(was):  # in place: references stay valid
@@ -498,11 +535,19 @@ class LiveRun:
 
     # -- how changes reach the optimizer (what a framework integration overrides) -----------
 
+    def refusals(self, current: Hyperparameters, new: Hyperparameters) -> dict[str, str]:
+        """The values of `new` this run cannot take, by column, with why: what the model
+        and optimizer cannot take (steering.refusals), and a switch the framework cannot
+        put in force. Only changed values are named."""
+        refused = refusals(self.model, self.optimizer, current, new)
+        if new.optimizer != current.optimizer and "optimizer" not in refused \
+                and (why := self.switch_refusal()):
+            refused["optimizer"] = f"optimizer={new.optimizer}: {why}"
+        return refused
+
     def apply_parameters(self, current: Hyperparameters, new: Hyperparameters) -> None:
-        """Bring model and optimizer from `current` to `new`. ValueError (nothing changed)
-        when the model cannot take them; RefusedError when the framework cannot."""
-        if new.optimizer != current.optimizer and (why := self.switch_refusal()):
-            raise RefusedError("optimizer", f"optimizer={new.optimizer}: {why}")
+        """Bring model and optimizer from `current` to `new`, which `refusals` has cleared;
+        ValueError (nothing changed) when the model cannot take them all the same."""
         optimizer = apply_parameters(self.model, self.optimizer, current, new, self.schedulers)
         if optimizer is not self.optimizer:
             self.replace_optimizer(optimizer)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from livetrain.db.contract import OPTIMIZERS, Hyperparameters
+from livetrain.trainer.inspection import sparse_parameters
 from livetrain.trainer.layers import dropout_percent, set_dropout
 
 SGD_MOMENTUM = 0.9
@@ -30,20 +31,18 @@ SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
 Groups = Iterable[nn.Parameter] | Sequence[dict[str, Any]]
 
 
-class RefusedError(ValueError):
-    """A change the training framework cannot take (an optimizer switch where it owns the
-    optimizer): the board shows `reason` in a `parameters_rejected` event."""
-
-    def __init__(self, column: str, reason: str) -> None:
-        super().__init__(reason)
-        self.column = column
+# The contract's optimizers whose torch step takes sparse gradients (without weight
+# decay); Adam, AdamW and RMSprop raise on them.
+SPARSE_OPTIMIZERS = ("SGD", "SGD+Nesterov")
 
 
 def build_optimizer(name: str, params: Groups, lr: float, weight_decay: float
                     ) -> torch.optim.Optimizer:
     """The optimizer `name` over `params`: parameters, or param groups (dicts) whose own
-    lr and weight_decay, when they hold them, win over the defaults given here."""
-    params = list(params)
+    lr and weight_decay, when they hold them, win over the defaults given here. No
+    parameters at all (a parameter-free or frozen model) make one empty group: torch
+    refuses an empty list, and the run still needs an optimizer the board can steer."""
+    params = list(params) or [{"params": []}]
     if name == "Adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "AdamW":
@@ -117,16 +116,26 @@ def follow_schedules(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]
                 group["lr"] = lr
 
 
-def set_weight_decay(optimizer: torch.optim.Optimizer, old: float, new: float) -> None:
-    """Group 0's weight decay becomes `new`; the others keep their ratio to it. When group
-    0 had none there is no ratio to keep: every group takes `new`, except a further group
-    of biases and norm scales only (1-d tensors), which by convention is never decayed
-    (the no-decay group transformers and timm build)."""
+def weight_decays(optimizer: torch.optim.Optimizer, old: float, new: float) -> list[float]:
+    """Each group's weight decay once group 0's goes from `old` to `new`: the others keep
+    their ratio to it. When group 0 had none there is no ratio to keep: every group takes
+    `new`, except a further group of biases and norm scales only (1-d tensors), which by
+    convention is never decayed (the no-decay group transformers and timm build)."""
+    decays = []
     for index, group in enumerate(optimizer.param_groups):
         decay = group["weight_decay"]
         if old <= 0 and decay == 0 and index > 0 and all(p.dim() <= 1 for p in group["params"]):
-            continue
-        group["weight_decay"] = new if decay == old or old <= 0 else new * decay / old
+            decays.append(decay)
+        else:
+            decays.append(new if decay == old or old <= 0 else new * decay / old)
+    return decays
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, old: float, new: float) -> None:
+    """Group 0's weight decay becomes `new`, the others follow (see weight_decays)."""
+    for group, decay in zip(optimizer.param_groups, weight_decays(optimizer, old, new),
+                            strict=True):
+        group["weight_decay"] = decay
 
 
 def switch_optimizer(optimizer: torch.optim.Optimizer, name: str, schedulers: Sequence[Any],
@@ -142,6 +151,63 @@ def switch_optimizer(optimizer: torch.optim.Optimizer, name: str, schedulers: Se
     return new
 
 
+def _holds_sparse(group: dict[str, Any], sparse: dict[int, str]) -> bool:
+    return any(id(p) in sparse for p in group["params"])
+
+
+def sparse_refusal(model: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """Why `optimizer` cannot update the model's sparse gradients (its first step would
+    raise deep inside torch), or None: said before the run starts instead."""
+    sparse = sparse_parameters(model)
+    if not sparse:
+        return None
+    where = ", ".join(sorted(set(sparse.values())))
+    name = optimizer_name(optimizer)
+    if name not in SPARSE_OPTIMIZERS:
+        return f"{name} cannot update the sparse gradients of {where} " \
+            f"(nn.Embedding(sparse=True)); use {' or '.join(SPARSE_OPTIMIZERS)}"
+    if any(g["weight_decay"] > 0 and _holds_sparse(g, sparse) for g in optimizer.param_groups):
+        return f"torch cannot apply weight decay to the sparse gradients of {where}; " \
+            "give their param group a weight decay of 0"
+    return None
+
+
+def _sparse_refusals(optimizer: torch.optim.Optimizer, sparse: dict[int, str],
+                     current: Hyperparameters, new: Hyperparameters) -> dict[str, str]:
+    """The changes torch's step could not apply to sparse gradients: a switch to an
+    optimizer without sparse support, or a weight decay on a group holding them."""
+    where = ", ".join(sorted(set(sparse.values())))
+    refused = {}
+    switching = new.optimizer != current.optimizer
+    if switching and new.optimizer not in SPARSE_OPTIMIZERS:
+        refused["optimizer"] = f"optimizer={new.optimizer}: it cannot update the sparse " \
+            f"gradients of {where}; {' and '.join(SPARSE_OPTIMIZERS)} can"
+        switching = False
+    groups = optimizer.param_groups
+    decays = [new.weight_decay] * len(groups) if switching \
+        else weight_decays(optimizer, current.weight_decay, new.weight_decay)
+    if any(d > 0 and _holds_sparse(g, sparse) for g, d in zip(groups, decays, strict=True)):
+        column = "weight_decay" if new.weight_decay != current.weight_decay else "optimizer"
+        refused[column] = f"{column}={getattr(new, column)}: torch cannot apply weight " \
+            f"decay to the sparse gradients of {where}"
+    return refused
+
+
+def refusals(model: nn.Module, optimizer: torch.optim.Optimizer, current: Hyperparameters,
+             new: Hyperparameters) -> dict[str, str]:
+    """The values of `new` that this model and optimizer cannot take, by column, each with
+    why: a dropout for a model without a dropout layer; for a model with sparse gradients,
+    an optimizer or a weight decay torch cannot apply to them. Only values that differ
+    from `current` are named, so putting them back always leaves a version that fits,
+    and the other values of the same change still apply."""
+    refused = {}
+    if new.dropout != current.dropout and dropout_percent(model) is None:
+        refused["dropout"] = f"dropout={new.dropout}: the model has no dropout layer"
+    if sparse := sparse_parameters(model):
+        refused |= _sparse_refusals(optimizer, sparse, current, new)
+    return refused
+
+
 def apply_parameters(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -149,13 +215,8 @@ def apply_parameters(
     new: Hyperparameters,
     schedulers: Sequence[Any] = (),
 ) -> torch.optim.Optimizer:
-    """Bring model and optimizer to `new`; returns the optimizer now in use.
-
-    Raises ValueError if the model cannot take the values (a dropout for a model
-    without a dropout layer); nothing is changed then.
-    """
-    if new.dropout != current.dropout and dropout_percent(model) is None:
-        raise ValueError("the model has no dropout layer")
+    """Bring model and optimizer to `new`, which `refusals` has cleared; returns the
+    optimizer now in use."""
     if new.learning_rate != current.learning_rate:
         rescale_learning_rates(optimizer, schedulers, current.learning_rate, new.learning_rate)
     if new.weight_decay != current.weight_decay:

@@ -22,6 +22,7 @@ import psutil
 import torch
 from torch import nn
 
+from livetrain.trainer.inspection import awaits_first_batch
 from livetrain.trainer.layers import MonitoredLayer, monitored_layers
 
 HISTOGRAM_BINS = 40
@@ -344,7 +345,8 @@ class LayerProbe:
 
     def rows(self, step: int) -> dict[str, list[dict[str, Any]]]:
         """Rows for activations, layer_statistics and layer_histograms; resets the probe."""
-        if not self.layers:  # `layers=[]`, or a model without a layer the probe knows
+        if not self.layers or awaits_first_batch(self._model):  # `layers=[]`, a model
+            # without a layer the probe knows, or lazy layers that have no weights yet
             return {"activations": [], "layer_statistics": [], "layer_histograms": []}
         layers = [layer for layer in self.layers if layer.name in self._captured]
         acts = [self._captured[layer.name][0].float() for layer in layers]
