@@ -1291,7 +1291,7 @@ def logs_to_alarm(code: str, change: str, rel: float, measured: bool) -> list[in
                        for i, (t, v) in enumerate(zip(trains, rising, strict=True), 1)]
         rule = getattr(diagnostics, f"rule_{code}")
         delays.append(next((i - CHANGE_AT for i in range(CHANGE_AT + 1, LOGS + 1)
-                            if rule(records[:i], 10)), None))
+                            if rule(records[:i], diagnostics.RunFacts(10))), None))
     return delays
 
 

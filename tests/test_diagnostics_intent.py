@@ -135,6 +135,20 @@ def test_converged_is_one_episode_through_noise_around_the_floor() -> None:
     assert found == ["converged"]
 
 
+def test_a_loss_that_doubles_at_its_floor_is_not_rising_one_that_climbs_off_it_is() -> None:
+    """Converged at 0.004, the loss goes to 0.01 for the last 20 logs: beyond noise and
+    far beyond 10 %, and nothing to act on. The same jump to 1.0 leaves the floor."""
+    def settle_then(jump: float) -> Callable[[int], float]:
+        def loss(step: int) -> float:
+            floor = 0.004 + (LN10 - 0.004) * math.exp(-step / 60)
+            return jump if step > TOTAL - 200 else floor
+        return loss
+
+    found = diagnose(series(settle_then(0.01), lambda s: 1.0))
+    assert found == {"converged": "info"}, found
+    assert "loss_rising" in warnings(diagnose(series(settle_then(1.0), lambda s: 1.0)))
+
+
 def test_a_real_lr_too_low_plateau_fires() -> None:
     """lr 1e-3 with no schedule, updates 3e-5 of the weights, the loss stuck near ln 10:
     too low, as seeds 000-002 say."""
