@@ -290,7 +290,8 @@ def test_compare_rename_tag_and_hide_runs(
             assert store.get_run(live)["tags"] == ["lr-sweep", "baseline"]
             until(browser, lambda d: "[lr-sweep, baseline]" in text(d, "#run-select"),
                   "the tags in the selected run's label")
-            assert "lr-sweep" in text(browser, ".run-title")
+            until(browser, lambda d: "lr-sweep" in text(d, ".run-title"),
+                  "the tags in the header")  # the header redraws on the next refresh
             until(browser, lambda d: "lr-sweep" in table_row(d, live), "the tags in the table")
 
             # Hide the scratch run: it stays while watched, leaves both lists after.
