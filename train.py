@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             early_stopping=args.early_stopping, checkpoint_dir=args.checkpoint_dir,
             checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
             buffer_rows=args.buffer_rows, model_name=args.model, dataset=play.info.name,
-            resume=args.resume,
+            resume=args.resume, nan_guard=args.nan_guard,
         ) as run:
             if stop.requested.is_set():
                 run.request_stop()

@@ -21,6 +21,7 @@ from livetrain.playground.data import DATASETS
 from livetrain.playground.models import MODEL_NAMES
 from livetrain.playground.schedules import LR_SCHEDULES
 from livetrain.playground.user_model import is_user_model, model_spec
+from livetrain.trainer.guard import NAN_GUARDS
 from livetrain.trainer.ownership import claim_run
 
 DESCRIPTION = "Train a model while a database carries its telemetry out and its parameters in."
@@ -52,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dropout", type=int, default=DEFAULTS["dropout"], help=f"percent, 0..{DROPOUT_MAX}"
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto: CUDA, else Apple's MPS, else the CPU")
+    p.add_argument("--nan-guard", choices=NAN_GUARDS, default="auto",
+                   help="how a non-finite update is refused: on the device without a host "
+                   "sync (device), or read at every step (exact); see the README")
     p.add_argument("--run-name", type=run_name, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -114,6 +119,8 @@ def option_errors(args: argparse.Namespace) -> list[str]:
     errors.extend(invalid.values())
     if args.device == "cuda" and not torch.cuda.is_available():
         errors.append("--device cuda: no CUDA device is available")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        errors.append("--device mps: no MPS device is available (Apple silicon, macOS 12.3+)")
     return errors
 
 
@@ -176,7 +183,8 @@ def resume_options(args: argparse.Namespace, store: Store,
 # Not taken from a saved config: they say how this command reaches the run, not the run.
 NOT_SAVED = ("db", "resume", "wait", "sweep", "parallel")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "device": ("auto", "cpu", "cuda"), "lr_schedule": LR_SCHEDULES,
+    "device": ("auto", "cpu", "cuda", "mps"), "nan_guard": NAN_GUARDS,
+    "lr_schedule": LR_SCHEDULES,
 }
 
 

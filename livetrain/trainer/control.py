@@ -5,9 +5,10 @@ A background listener (livetrain.db.listener) hands over each new version of the
 with the step, so the board can say "applied at step N". Nothing here waits on the
 database: the listener and the writer do, beside the loop.
 
-Under torchrun only rank 0 listens; each step boundary is one collective in which
-every rank learns whether news arrived, and rank 0's version reaches all ranks, so
-they all apply it at the same step.
+Under torchrun only rank 0 listens; at each step boundary every rank learns, from a
+non-blocking collective sent at the last one, whether news had arrived, and rank 0's
+version reaches all ranks, so they all apply it at the same step: one step after
+rank 0 saw it.
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ class Controller:
         if during_log:
             if not waiting or (state := listener.take()) is None:
                 return
-        else:  # the step boundary: under torchrun, every rank learns rank 0's news here
-            waiting, self.stop_asked = run.ranks.any(waiting, run.stop.requested.is_set())
+        else:  # the step boundary: under torchrun, every rank learns rank 0's news of the
+            # last boundary here, so that all take it at this one (see distributed.py)
+            waiting, stop = run.ranks.any_lagged(waiting, run.stop.requested.is_set())
+            self.stop_asked = self.stop_asked or stop
             if not waiting:
                 return
             state = run.ranks.from_main(listener.take() if listener is not None else None)

@@ -2,9 +2,13 @@
 
 Under torchrun every rank runs train.py; rank 0 alone talks to the database. Every
 decision that changes what the loop does next (a new parameters version, stop,
-pause, a non-finite loss, early stopping) is agreed by a collective at the step
-boundary, so all ranks take it at the same step. Without torchrun every call here
-is a no-op that returns its argument.
+pause, early stopping) is agreed by a collective, so all ranks take it at the same
+step. At a step boundary that agreement must not stop the loop: the flags go out in
+a non-blocking all_reduce over a gloo group (CPU tensors, so no device sync even
+under NCCL), and the next boundary reads the answer, which has long arrived. A
+change raised at step k is therefore applied at step k + 1 on every rank. Logs, which
+read tensors anyway, agree with blocking collectives. Without torchrun every call
+here is a no-op that returns its argument.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class Ranks:
         self.local_rank = int(env.get("LOCAL_RANK", "0"))
         self._device = torch.device("cpu")
         self._owns_group = False
+        self._control_group: Any = None  # the gloo group of the step boundary's flags
+        self._in_flight: tuple[Any, torch.Tensor] | None = None  # the last boundary's
         if dist.is_available() and dist.is_initialized():  # the user's script started it
             self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
             if dist.get_backend() == "nccl":
@@ -56,7 +62,8 @@ class Ranks:
     def device(self, requested: str) -> torch.device:
         """The device this rank trains on: its own GPU under torchrun."""
         if requested == "auto":
-            requested = "cuda" if torch.cuda.is_available() else "cpu"
+            requested = "cuda" if torch.cuda.is_available() else \
+                "mps" if torch.backends.mps.is_available() and not self.distributed else "cpu"
         if requested == "cuda" and self.distributed:
             torch.cuda.set_device(self.local_rank)
             return torch.device("cuda", self.local_rank)
@@ -78,6 +85,31 @@ class Ranks:
         agreed = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self._device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return tuple(bool(v) for v in agreed.tolist())
+
+    def any_lagged(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag as the ranks raised it at the previous call (true on every rank when
+        it was true on any), without waiting: this call's flags go out in a non-blocking
+        collective that the next call reads. All false at the first call."""
+        if not self.distributed:
+            return flags
+        if self._control_group is None:  # every rank reaches its first boundary: collective
+            self._control_group = dist.new_group(backend="gloo") \
+                if dist.get_backend() != "gloo" else dist.group.WORLD
+        sent = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        work = dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=self._control_group,
+                               async_op=True)
+        previous, self._in_flight = self._in_flight, (work, sent)
+        if previous is None:
+            return (False,) * len(flags)
+        work, agreed = previous
+        work.wait()  # it went out a step ago: done, unless a rank is a step behind
+        return tuple(bool(v) for v in agreed.tolist())
+
+    def settle(self) -> None:
+        """Wait for the last boundary's collective (before the group can go)."""
+        if self._in_flight is not None:
+            self._in_flight[0].wait()
+            self._in_flight = None
 
     def from_main(self, value: T) -> T:
         """Rank 0's `value`, on every rank (any picklable object)."""
@@ -105,6 +137,7 @@ class Ranks:
 
     def close(self) -> None:
         """Leave the process group if this object joined it (a user's stays theirs)."""
+        self.settle()
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self._owns_group = False

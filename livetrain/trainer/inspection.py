@@ -5,6 +5,10 @@ parameters at all, only frozen ones, parameters shared between layers, or layers
 gradients are sparse (`nn.Embedding(sparse=True)`). Each of these breaks a question
 that is trivial for an ordinary CNN (which device? how many parameters?), so the
 questions are asked here, once, in a way that holds for all of them.
+
+A model may also come wrapped: in DistributedDataParallel, or compiled (`torch.compile`
+returns a wrapper whose parameters are named `_orig_mod.*`, and inside whose graph no
+forward hook runs). `unwrapped` finds the user's own module under them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,20 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 SPARSE_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def unwrapped(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The module to inspect, name and save, and whether the model runs compiled (by
+    `torch.compile(model)` or `model.compile()`)."""
+    compiled = False
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model, compiled = model._orig_mod, True
+        else:
+            break
+    return model, compiled or getattr(model, "_compiled_call_impl", None) is not None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -120,6 +120,8 @@ class Logbook:
         validates and writes while the others wait for what it decided.
         """
         run = self.run
+        if run.guard.tripped():  # the device guard refused an update since the last log
+            run.blow_up(None, since=max(self.last_logged, 0))
         interval = run.metrics.summary(run.ranks.sum)
         if run.ranks.is_main:
             self.write(full_validation, interval, ran_with or run.control.params,
@@ -141,10 +143,12 @@ class Logbook:
         run = self.run
         run.probe.arm_next_forward()
         run.validating = not run.ranks.distributed  # between batches needs no agreement
+        run.watch_forward(run.validating or run.shapeless)
         try:
             result = self.validate(full=full) if self.full_argument else self.validate()
         finally:
             run.validating = False
+            run.watch_forward(run.shapeless)
         return validation_figures(result)
 
     def write(self, full_validation: bool, interval: IntervalSummary,

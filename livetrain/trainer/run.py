@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from livetrain.db.contract import Hyperparameters, validate
 from livetrain.db.listener import ParameterListener
@@ -36,11 +37,13 @@ from livetrain.db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
 from livetrain.trainer.checkpointing import Checkpoint, CheckpointRing, Restorable
 from livetrain.trainer.control import Controller, describe
 from livetrain.trainer.distributed import Ranks
+from livetrain.trainer.guard import NanGuard
 from livetrain.trainer.inspection import (
     awaits_first_batch,
     model_device,
     parameters_count,
     trains_anything,
+    unwrapped,
 )
 from livetrain.trainer.layers import dropout_percent, set_dropout
 from livetrain.trainer.logbook import Logbook, Validate, validation_figures
@@ -133,13 +136,14 @@ class LiveRun:
         dataset: str = "custom",
         resume: int | None = None,
         handle_signals: bool = True,
+        nan_guard: str = "auto",
     ) -> None:
         for option, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
                               ("checkpoint_keep", checkpoint_keep), ("buffer_rows", buffer_rows)):
             if value < 1:
                 raise ValueError(f"{option} must be at least 1, got {value}")
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module  # the one to inspect and save; DDP still trains it
+        # The user's own module to inspect and save: DDP or the compiled wrapper trains it.
+        model, self.compiled = unwrapped(model)
         self.model, self._optimizer = model, optimizer
         self.schedulers = [] if scheduler is None else \
             list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
@@ -167,13 +171,18 @@ class LiveRun:
                 self.store.close()
             raise
         self.metrics, self.progress = IntervalMetrics(self.device), Progress()
-        self.probe = LayerProbe(model, names=None if layers is None else list(layers))
+        self.probe = LayerProbe(model, names=None if layers is None else list(layers),
+                                eager=self.compiled)
         self.table: LayerTable | None = LayerTable(  # a resumed run has its table
             model, {layer.name for layer in self.probe.layers}) \
             if self.ranks.is_main and self.resumed is None else None
+        if self.table is not None and self.compiled:
+            self.probe.eager_next_forward()  # the table's hooks run, and leave the graph
         self.logbook = Logbook(self, validate, num_classes, early_stopping)
+        self.guard = NanGuard(nan_guard, self.device)
         self.updates = UpdateHooks(self)
-        self._between_batches = model.register_forward_hook(self._after_forward)
+        self._between_batches: RemovableHandle | None = None
+        self.watch_forward(self.shapeless)
         self.sampler = SystemSampler(self.writer, self.progress, self.device) \
             if self.ranks.is_main else None
         try:
@@ -313,7 +322,7 @@ class LiveRun:
         self.status = status
         self.writer.status(status, ended=True)
         if self.ranks.distributed:  # equal fingerprints: every rank made the same updates
-            fingerprint = sum(p.detach().double().abs().sum().item()
+            fingerprint = sum(p.detach().cpu().double().abs().sum().item()
                               for p in self.model.parameters())
             say(f"rank {self.ranks.rank}: {status} at step {self.global_step}, "
                 f"weights {fingerprint:.12g}")
@@ -325,8 +334,9 @@ class LiveRun:
         self.probe.remove()
         if self.table is not None:
             self.table.remove()
-        self._between_batches.remove()
+        self.watch_forward(False)
         self.stop.close()
+        self.ranks.settle()
         if self.ranks.is_main:
             self.sampler.close()
             self.listener.close()
@@ -401,13 +411,15 @@ class LiveRun:
         if loss is not None:
             loss = loss.detach() if isinstance(loss, torch.Tensor) \
                 else torch.tensor(float(loss))
-        blown = self.updates.take_dropped() or (
-            loss is not None and not bool(torch.isfinite(loss).all()))
-        (blown,) = self.ranks.any(blown)
-        if blown:
-            self._blow_up(loss)
+            if loss.dim():
+                loss = loss.mean()
+        # Only the exact guard knows here (it read the flag); the device guard's flag is
+        # read at the next log. Under DDP every rank has the same averaged gradients, so
+        # every rank drops the same update: nothing to agree on.
+        if self.updates.take_dropped():
+            self.blow_up(loss)
         else:
-            self._count(None if loss is None else loss.mean(), outputs, targets)
+            self._count(loss, outputs, targets)
         self._boundary()
 
     def _boundary(self) -> None:
@@ -459,24 +471,42 @@ class LiveRun:
         if logging and self.logbook.validate is None and self.ranks.is_main:
             self.probe.arm_next_forward()
 
-    def _blow_up(self, loss: torch.Tensor | None) -> None:
-        """A non-finite loss or gradient: pause before the update can spread it."""
+    def blow_up(self, loss: torch.Tensor | None, since: int | None = None) -> None:
+        """A non-finite loss or gradient: pause before the update can spread it. The exact
+        guard knows at the step itself; the device guard (`since`: the last log) at the
+        log, when every update since the first non-finite one has been refused."""
         control = self.control
         control.paused = True
         lr = learning_rate_in_force(self.optimizer)
         self.logbook.doctor.note_blow_up(lr)
-        what = "the gradients are not finite"
-        if loss is not None and not torch.isfinite(loss).all():
-            what = f"the training loss is {loss.float().mean().item()}"
+        if since is not None:
+            self.probe.forget_update()  # the refused gradients are no telemetry
+            what = f"the gradients were not finite at a step between steps {since + 1} and " \
+                f"{self.global_step}: every update from that one on was refused on the " \
+                f"device, and training paused at step {self.global_step}"
+        else:
+            what = "the gradients are not finite"
+            if loss is not None and not torch.isfinite(loss).all():
+                what = f"the training loss is {loss.float().mean().item()}"
+            what += f" at step {self.global_step + 1}: training paused before the update"
         self.writer.event(
-            "error", "non_finite",
-            f"{what} at step {self.global_step + 1}: training paused before the update",
+            "error", "non_finite", what,
             step=self.global_step,
             recommendation="roll back to an earlier checkpoint and lower the learning rate "
             f"(now {control.params.learning_rate:g})",
             fix={"learning_rate": control.params.learning_rate / 10},
         )
         self.finishing = False
+
+    def watch_forward(self, on: bool) -> None:
+        """A hook after the model's forward pass, only while it has work: until the first
+        batch shapes lazy layers, and while a log validates (a hook on the model, even
+        one that does nothing, slows every forward pass down)."""
+        if on and self._between_batches is None:
+            self._between_batches = self.model.register_forward_hook(self._after_forward)
+        elif not on and self._between_batches is not None:
+            self._between_batches.remove()
+            self._between_batches = None
 
     def _after_forward(self, module: nn.Module, inputs: Any, output: Any) -> None:
         """After the model's forward pass: the first one may have shaped lazy layers;
@@ -485,6 +515,8 @@ class LiveRun:
             self._shaped()
         if self.validating:
             self.control.poll(during_log=True)
+        if not self.shapeless and not self.validating:
+            self.watch_forward(False)
 
     def _shaped(self) -> None:
         """The first batch has given the lazy layers their shapes: the parameter count
@@ -514,6 +546,7 @@ class LiveRun:
         fail: it was checked); later rows become a branch."""
         self.model.load_state_dict(loaded.model_state)  # copies into the optimizer's params
         self.shapeless = awaits_first_batch(self.model)  # lazy layers take the saved shapes
+        self.watch_forward(self.shapeless)
         loaded.model_state.clear()  # the model holds the weights now: no second copy kept
         was = self.optimizer
         if type(loaded.optimizer) is type(was):  # in place: references stay valid

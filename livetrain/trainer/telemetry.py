@@ -1,7 +1,7 @@
 """What the trainer measures, computed on the device and synchronised once per log.
 
-Per-step work is a few tensor additions and a no-op test in each hook;
-`.item()`/`.tolist()` happen only on logged steps, so telemetry costs nothing
+Per-step work is a detached loss kept in a list and, for a classifier, three small
+ops; `.item()`/`.tolist()` happen only on logged steps, so telemetry costs nothing
 between them.
 """
 
@@ -39,73 +39,96 @@ class IntervalSummary:
 
     loss: float | None  # mean per sample (per step when batch sizes are unknown)
     accuracy: float | None  # percent, for classification
-    steps: int  # steps averaged
+    steps: int  # steps averaged: those with a finite loss
     loss_std: float | None  # sample std of the per-step losses (None below 2 steps)
+    non_finite: int = 0  # steps whose loss was not finite, left out of the figures
+    first_non_finite: int | None = None  # the first of them, counted from the interval's start
 
 
 class IntervalMetrics:
     """Training loss (and accuracy, for classification) averaged since the last log,
     with the spread of the per-step losses: how far the average can be trusted.
 
-    Sums stay on the device: adding a step costs a few tensor additions, no sync.
+    A step costs no device work for the loss (its detached tensor is kept) and, for a
+    classifier, three small ops that count the right answers; every CHUNK steps the kept
+    losses are stacked into one tensor. A log brings the interval to the host in one
+    transfer and takes the sums there in float64, which MPS devices do not have.
     """
+
+    CHUNK = 256
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        zero = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.loss_sum = zero.clone()
-        self.weight = 0  # samples when the batch size is known, else steps
-        self.step_loss_sum, self.step_loss_squares = zero.clone(), zero.clone()
-        self.steps = 0
-        self.correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self.losses: list[torch.Tensor] = []  # this chunk's per-step losses
+        self.chunks: list[torch.Tensor] = []  # earlier chunks, stacked
+        self.weights: list[int] = []  # per step: its samples when known, else 1
+        self.correct: list[torch.Tensor] = []  # per classified step: its right answers
         self.predicted = 0  # targets the accuracy counts (0: not classification)
         self.samples = 0
 
     def add(self, loss: torch.Tensor, outputs: torch.Tensor | None,
             targets: torch.Tensor | None) -> int | None:
-        """Count one step; returns its number of samples when the tensors tell it."""
+        """Count one step (`loss` detached, one value); returns its number of samples
+        when the tensors tell it."""
         n = batch_size(outputs, targets)
-        weight = n or 1
-        value = loss.detach().to(self.device, torch.float64)
-        self.loss_sum += value * weight
-        self.weight += weight
-        self.step_loss_sum += value
-        self.step_loss_squares += value * value
-        self.steps += 1
+        self.losses.append(loss)
+        self.weights.append(n or 1)
+        if len(self.losses) == self.CHUNK:
+            self.chunks.append(torch.stack(self.losses).float())
+            self.losses = []
         if n and looks_like_classification(outputs, targets):
-            self.correct += (outputs.detach().argmax(dim=1) == targets).sum().to(self.device)
+            self.correct.append((outputs.detach().argmax(dim=1) == targets).sum())
+            if len(self.correct) == self.CHUNK:
+                self.correct = [torch.stack(self.correct).sum()]
             self.predicted += targets.numel()
         self.samples += n or 0
         return n
+
+    def _packed(self, device: torch.device) -> torch.Tensor:
+        """[loss x weight per step..., weight per step..., correct, predicted, steps]."""
+        steps = len(self.weights)
+        parts = self.chunks + ([torch.stack(self.losses).float()] if self.losses else [])
+        values = torch.cat(parts).to(device) if parts else torch.zeros(0, device=device)
+        weights = torch.tensor(self.weights, dtype=torch.float32).to(device)
+        correct = torch.stack(self.correct).sum().float().reshape(1).to(device) \
+            if self.correct else torch.zeros(1, device=device)
+        counts = torch.tensor([float(self.predicted), float(steps)]).to(device)
+        return torch.cat([values * weights, weights, correct, counts])
 
     def summary(
         self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> IntervalSummary:
         """The interval's figures, and start a new interval.
 
-        `reduce` sums the interval's totals over torchrun ranks: the figures are
-        then the whole job's, not rank 0's shard's.
+        `reduce` sums the interval's totals over torchrun ranks (which take the same
+        steps): the figures are then the whole job's, not rank 0's shard's. A step whose
+        loss is not finite is counted apart and left out of the figures.
         """
-        counts = torch.tensor([float(self.weight), float(self.predicted), float(self.steps)],
-                              device=self.device, dtype=torch.float64)
-        totals = torch.cat([torch.stack([self.loss_sum, self.correct.double(),
-                                         self.step_loss_sum, self.step_loss_squares]), counts])
+        steps = len(self.weights)
+        device = self.losses[0].device if self.losses else \
+            self.chunks[0].device if self.chunks else self.device
+        packed = self._packed(device)
         if reduce is not None:
-            totals = reduce(totals)
-        loss_sum, correct, step_sum, step_squares, weight, predicted, steps = totals.tolist()
+            packed = reduce(packed)
+        host = packed.cpu().double()
         self.reset()
-        if not weight:
-            return IntervalSummary(None, None, 0, None)
-        std = None
-        if steps >= 2:
-            variance = (step_squares - step_sum * step_sum / steps) / (steps - 1)
-            std = math.sqrt(max(variance, 0.0)) if math.isfinite(variance) else None
-        return IntervalSummary(loss_sum / weight,
+        weighted, weights = host[:steps], host[steps: 2 * steps]
+        correct, predicted = host[2 * steps].item(), host[2 * steps + 1].item()
+        per_step = weighted / weights
+        finite = torch.isfinite(per_step)
+        bad = (~finite).nonzero().flatten().tolist()
+        kept = int(finite.sum())
+        if not kept:
+            return IntervalSummary(None, None, 0, None, len(bad), bad[0] if bad else None)
+        losses = per_step[finite]
+        std = losses.std().item() if kept >= 2 else None
+        return IntervalSummary(weighted[finite].sum().item() / weights[finite].sum().item(),
                                100.0 * correct / predicted if predicted else None,
-                               int(steps), std)
+                               kept, std if std is None or math.isfinite(std) else None,
+                               len(bad), bad[0] if bad else None)
 
 
 def batch_size(outputs: Any, targets: Any) -> int | None:
@@ -169,7 +192,7 @@ def evaluate(
     model.train(was_training)
     if not sizes:
         return {"loss": 0.0, "accuracy": 0.0, "loss_std": None, "batches": 0}
-    sums = torch.stack(batch_losses).double().cpu()
+    sums = torch.stack(batch_losses).cpu().double()  # MPS has no float64
     means = sums / torch.tensor(sizes, dtype=torch.float64)
     samples = sum(sizes)
     return {"loss": sums.sum().item() / samples, "accuracy": 100.0 * correct.item() / samples,
@@ -240,8 +263,13 @@ class LayerProbe:
     """
 
     def __init__(self, model: nn.Module, bins: int = HISTOGRAM_BINS,
-                 names: list[str] | None = None) -> None:
+                 names: list[str] | None = None, eager: bool = False) -> None:
         self.layers = monitored_layers(model, names)
+        # A compiled model runs no forward hook inside its graph: a recorded pass runs
+        # eagerly instead (torch.compiler's force_eager stance), which leaves the
+        # compiled graph, and its guards, as they were. None: nothing to switch.
+        self._eager = eager and hasattr(torch.compiler, "set_stance")
+        self._stance: Any = None
         self.bins = bins
         self._armed = False
         self._once = False  # armed for the next whole forward pass of the model only
@@ -261,6 +289,7 @@ class LayerProbe:
     def _attach(self) -> None:
         if self._handles:
             return
+        self._go_eager()
         self._handles = [layer.module.register_forward_hook(self._on_layer)
                          for layer in self.layers]
         self._handles += [module.register_forward_hook(self._on_nonlinearity)
@@ -273,6 +302,22 @@ class LayerProbe:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._back_to_compiled()
+
+    def _go_eager(self) -> None:
+        if self._eager and self._stance is None:
+            self._stance = torch.compiler.set_stance("force_eager")
+
+    def _back_to_compiled(self) -> None:
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)  # the stance the user had
+            self._stance = None
+
+    def eager_next_forward(self) -> None:
+        """Run the next forward pass eagerly, without recording it (the model table's
+        first pass, for a compiled model)."""
+        self._go_eager()
+        self._once = True
 
     # -- activations ----------------------------------------------------------
 
@@ -297,6 +342,7 @@ class LayerProbe:
             self._settle()
             self._armed = self._once = False
             self.remove()
+            self._back_to_compiled()
 
     def arm_next_forward(self) -> None:
         """Record the activations of the model's next forward pass (a training batch of a
@@ -340,6 +386,10 @@ class LayerProbe:
             for w, u, b in zip(weights, self._updates, self._before, strict=True)
         ]
         self._before = []
+
+    def forget_update(self) -> None:
+        """Drop what was measured of an update the guard refused."""
+        self._grad_norms, self._update_ratios, self._updates, self._before = [], [], [], []
 
     # -- the rows of one log ----------------------------------------------------
 

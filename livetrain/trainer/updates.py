@@ -2,10 +2,14 @@
 passes through between its backward pass and its update.
 
 Before the update: clip the gradients when the board asks for clipping (unless the
-framework clips them itself), and refuse
-an update whose gradients are not finite (they are dropped, so the weights keep
-their last finite values and the run pauses); on a step that logs, note each watched
-layer's gradient norm and weights. After it: the update-to-weight ratios.
+framework clips them itself), and refuse an update whose gradients are not finite
+(livetrain.trainer.guard: on the device, without a host read, unless the run asked for
+the exact guard); on a step that logs, note each watched layer's gradient norm and
+weights. After it: the update-to-weight ratios.
+
+Under GradScaler with a fused optimizer, the scaler hands the optimizer its scale and
+its own `found_inf`: the gradients are unscaled here first, so that clipping and
+telemetry see the true ones, and the scaler's skip stands for the guard's.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class UpdateHooks:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.remove()
+        if switched := self.run.guard.adopt(optimizer):
+            self.run.writer.event("info", "optimizer_fused", switched,
+                                  step=self.run.global_step)
         self._handles = [optimizer.register_step_pre_hook(self._before),
                          optimizer.register_step_post_hook(self._after)]
 
@@ -62,23 +69,29 @@ class UpdateHooks:
                   if p.grad is not None]
         if not params:
             return
+        grads = [p.grad for p in params]
+        scaler_skips = self.run.guard.scaler_skips(optimizer)
+        if scaler_skips and getattr(optimizer, "grad_scale", None) is not None:
+            torch._foreach_mul_(grads, optimizer.grad_scale.reciprocal())
+            optimizer.grad_scale = None  # unscaled now: the fused step must not divide again
         clip = self.run.control.params.grad_clip if self.run.clips_in_hook else 0.0
+        total = None
         if clip > 0:
             total = nn.utils.clip_grad_norm_(params, clip)
         elif (known := self.run.known_gradient_norm()) is not None:
             total = torch.as_tensor(known)
-        else:
-            total = nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(total):  # the update would spread NaN or inf into the weights
-            for p in params:
+        if not scaler_skips and self.run.guard.check(optimizer, grads, total):
+            for p in params:  # exact: the update would spread NaN or inf into the weights
                 p.grad = None
             self._dropped = True
             return
-        if self.logging and self.run.ranks.is_main:
+        if self.logging and self.run.ranks.is_main and not (
+                scaler_skips and optimizer.found_inf.item()):  # a log step may read
             self.run.probe.before_update()  # gradient norms, weights before the step
             self._measuring = True
 
     def _after(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.run.guard.after_step(optimizer)
         if self._measuring:
             self.run.probe.after_update()  # update:parameter ratios
             self._measuring = False
