@@ -101,13 +101,8 @@ class Controller:
         if during_log:
             if not waiting or (state := listener.take()) is None:
                 return
-        else:  # the step boundary: under torchrun, every rank learns rank 0's news of the
-            # last boundary here, so that all take it at this one (see distributed.py)
-            waiting, stop = run.ranks.any_lagged(waiting, run.stop.requested.is_set())
-            self.stop_asked = self.stop_asked or stop
-            if not waiting:
-                return
-            state = run.ranks.from_main(listener.take() if listener is not None else None)
+        else:
+            state = self.news_at_boundary(waiting)
             if state is None:
                 return
         if during_log and (self.deferred is not None
@@ -115,6 +110,23 @@ class Controller:
             self.deferred = state
             return
         self.adopt(state)
+
+    def news_at_boundary(self, waiting: bool) -> ParameterState | None:
+        """The version to apply at this step boundary, if any. Under torchrun every rank
+        learns here what rank 0 had at the last boundary (a new version waiting, a stop
+        asked on any rank), so that all take it at this one, and sends what it has now,
+        after its take (see distributed.py)."""
+        run, listener, ranks = self.run, self.run.listener, self.run.ranks
+        stop = run.stop.requested.is_set()
+        if ranks.distributed:
+            waiting, stop = ranks.agreed(2)
+        self.stop_asked = self.stop_asked or stop
+        state = ranks.from_main(listener.take() if listener is not None else None) \
+            if waiting else None
+        if ranks.distributed:
+            ranks.send(listener is not None and listener.changed.is_set(),
+                       run.stop.requested.is_set())
+        return state
 
     def adopt(self, state: ParameterState) -> None:
         """Apply a new parameters version at this step boundary.

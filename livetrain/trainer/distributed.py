@@ -86,22 +86,23 @@ class Ranks:
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         return tuple(bool(v) for v in agreed.tolist())
 
-    def any_lagged(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag as the ranks raised it at the previous call (true on every rank when
-        it was true on any), without waiting: this call's flags go out in a non-blocking
-        collective that the next call reads. All false at the first call."""
-        if not self.distributed:
-            return flags
+    def send(self, *flags: bool) -> None:
+        """Put this boundary's flags in a non-blocking collective that the next boundary
+        reads (`agreed`); a CPU tensor over gloo, whatever the training backend."""
         if self._control_group is None:  # every rank reaches its first boundary: collective
             self._control_group = dist.new_group(backend="gloo") \
                 if dist.get_backend() != "gloo" else dist.group.WORLD
         sent = torch.tensor([int(f) for f in flags], dtype=torch.int32)
         work = dist.all_reduce(sent, op=dist.ReduceOp.MAX, group=self._control_group,
                                async_op=True)
-        previous, self._in_flight = self._in_flight, (work, sent)
-        if previous is None:
-            return (False,) * len(flags)
-        work, agreed = previous
+        self._in_flight = (work, sent)
+
+    def agreed(self, count: int) -> tuple[bool, ...]:
+        """The flags the last boundary sent, true on every rank when true on any; all
+        false before the first."""
+        if self._in_flight is None:
+            return (False,) * count
+        (work, agreed), self._in_flight = self._in_flight, None
         work.wait()  # it went out a step ago: done, unless a rank is a step behind
         return tuple(bool(v) for v in agreed.tolist())
 

@@ -51,10 +51,8 @@ def runs_fused(optimizer: torch.optim.Optimizer) -> bool:
 def can_fuse(optimizer: torch.optim.Optimizer) -> bool:
     """Whether torch was left to choose this optimizer's implementation and has a fused one
     for all of its parameters: Adam, AdamW or SGD, floating-point dense parameters on
-    fused-capable devices, no `differentiable` or `capturable` group, and no state yet
-    (a foreach optimizer's step counts live on the CPU, where a fused one wants them on
-    the device)."""
-    if type(optimizer) not in FUSABLE or optimizer.state:
+    fused-capable devices, and no `differentiable` or `capturable` group."""
+    if type(optimizer) not in FUSABLE:
         return False
     devices = fused_devices()
     for group in optimizer.param_groups:
@@ -68,10 +66,16 @@ def can_fuse(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def fuse(optimizer: torch.optim.Optimizer) -> None:
-    """Switch the optimizer to its fused kernel, as `fused=True` at its creation would."""
+    """Switch the optimizer to its fused kernel, as `fused=True` at its creation would (also
+    after a rollback loaded a checkpoint's state into it): a foreach optimizer keeps its
+    step counts on the CPU, a fused one on the parameter's device, in float32."""
     optimizer.defaults["fused"], optimizer.defaults["foreach"] = True, False
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = True, False
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                optimizer.state[p]["step"] = step.to(p.device, torch.float32)
     optimizer._step_supports_amp_scaling = True  # what GradScaler looks for
 
 

@@ -551,6 +551,7 @@ class LiveRun:
         was = self.optimizer
         if type(loaded.optimizer) is type(was):  # in place: references stay valid
             was.load_state_dict(loaded.optimizer.state_dict())
+            self.updates.attach(was)  # the guard settles the loaded groups' kernel again
         else:  # the checkpoint predates an optimizer switch
             self.replace_optimizer(loaded.optimizer)
         follow_schedules(self.optimizer, self.schedulers, was,

@@ -37,11 +37,13 @@ class UpdateHooks:
         self._dropped = False
         self._measuring = False
         self._handles: list[RemovableHandle] = []
+        self._told_fused = False
         self.attach(run.optimizer)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.remove()
-        if switched := self.run.guard.adopt(optimizer):
+        if (switched := self.run.guard.adopt(optimizer)) and not self._told_fused:
+            self._told_fused = True  # once a run: a rollback fuses the restored one again
             self.run.writer.event("info", "optimizer_fused", switched,
                                   step=self.run.global_step)
         self._handles = [optimizer.register_step_pre_hook(self._before),
