@@ -51,8 +51,9 @@ _THIS_FILE = str(Path(__file__).resolve())
 
 @dataclass
 class Count:
-    """What a counter saw: `count` calls, and `where` the first few of them were made
-    (the call's name and the innermost frames outside torch and this module)."""
+    """What a counter saw: `count` calls, and `where` the first few distinct places they
+    were made from (the call's name and the innermost frames outside torch and this
+    module; a loop's reads from one line are one place)."""
 
     count: int = 0
     where: list[str] = field(default_factory=list)
@@ -62,7 +63,9 @@ class Count:
     def record(self, name: str) -> None:
         self.count += 1
         if len(self.where) < WHERE_LIMIT:
-            self.where.append(f"{name}() at {call_site()}")
+            site = f"{name}() at {call_site()}"
+            if site not in self.where:
+                self.where.append(site)
 
 
 def call_site(frames: int = 3) -> str:
