@@ -53,6 +53,7 @@ import contextlib
 import copy
 import json
 import os
+import re
 import statistics as stats
 import subprocess
 import sys
@@ -419,10 +420,13 @@ def blocking_collectives(db: str, workdir: Path, steps: int) -> dict[str, Any] |
     for line in done.stdout.splitlines():
         if line.startswith(COLLECTIVES_TAG):
             return json.loads(line[len(COLLECTIVES_TAG):])
+    # The first rank's exception line ("[rank0]: SomeError: why"), not the launcher's
+    # ChildFailedError nor the other rank's lost connection that follow it.
     errors = [line for line in (done.stderr + done.stdout).splitlines()
-              if "Error" in line or "error:" in line]
+              if re.match(r"\[rank\d+\]: [\w.]*(Error|Exception): ", line)]
     return (f"the torchrun job exited with {done.returncode} and printed no count"
-            + (f"; its last error: {errors[-1].strip()}" if errors else ""))
+            + (f"; {errors[0].strip()}" if errors else
+               f"; the end of its output: {done.stderr.strip()[-300:]}"))
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -432,7 +436,7 @@ def markdown_table(results: list[Result]) -> list[str]:
     """The table, in markdown, to paste into a README."""
     lines = ["| step size | steps | bare ms/step | livetrain µs added per non-logging step "
              "| ms per log | livetrain x bare | tensorboard x bare "
-             "| host reads per non-logging step (bare's) |",
+             "| host reads per non-logging step: added by LiveRun (the bare loop's own) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.size.label} | {r.steps} | {r.bare_ms:.2f} | {r.added_us:.0f} "
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [SIZES[0]] if args.quick else list(SIZES)
     steps = args.steps or (2 * LOG_EVERY if args.quick else None)
     warmup, counted = (10, LOG_EVERY) if args.quick else (WARMUP, 2 * LOG_EVERY)
-    results = []
+    results, started = [], time.perf_counter()
     with workspace(args.db) as (db, tmp):
         for size in sizes:
             results.append(measure_size(size, device, db, tmp, steps, args.seconds_per_size,
@@ -518,10 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstep cost on {device.type}, 1 torch thread, Adam, log every {LOG_EVERY} steps, "
           f"checkpoint_every 10**9 (no checkpoint in the measured span), "
           f"{'--db given' if args.db else 'SQLite'}; µs and ms: medians less bare's median "
-          "(ms per log: the mean of the logging steps)\n")
+          f"(ms per log: the mean of the logging steps); {time.perf_counter() - started:.0f} s "
+          "in all\n")
     print("\n".join(markdown_table(results)))
-    print("\nreproduce: python -m bench.step_cost " + " ".join(
-        sys.argv[1:] if argv is None else argv))
+    print("\nreproduce: " + " ".join(["python -m bench.step_cost",
+                                      *(sys.argv[1:] if argv is None else argv)]))
     return budget.report(verdicts(results, collectives))
 
 
