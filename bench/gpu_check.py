@@ -7,7 +7,10 @@ CPU, where the CUDA parts are skipped, each named in the closing table.
                 torch.cuda.set_sync_debug_mode("error") armed: does anything make the
                 host wait for the GPU (an .item(), a bool of a tensor, a copy to the
                 host)? The bare loop is checked first, the same way, as a control.
-                Where the first sync happens is reported. CUDA only.
+                Where the first sync happens is reported. CUDA only. (The mode is
+                process-wide: a sync on one of the library's background threads during
+                those steps raises in that thread, whose traceback is then printed
+                above the table, and not in the step.)
   ratios        bench.step_cost's interleaved twins (bare, livetrain, tensorboard) at
                 its three MLP sizes, timed with CUDA events (one synchronisation at
                 the end of the measured span), against step_cost's budgets (--quick
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib
 import math
 import os
@@ -241,7 +245,7 @@ def telemetry(s: Setting, run_id: int) -> tuple[bool, str]:
     def finite(v: Any) -> bool:
         return v is not None and math.isfinite(v)
 
-    with sqlite3.connect(s.db_path) as con:
+    with contextlib.closing(sqlite3.connect(s.db_path)) as con:
         losses = [r[0] for r in con.execute(
             "SELECT train_loss FROM statistics WHERE run_id = ? AND step > 0", (run_id,))]
         layers = con.execute("SELECT grad_norm, act_std FROM layer_statistics "
@@ -286,6 +290,8 @@ def train_precision(s: Setting, kind: str, steps: int) -> tuple[int, list[int | 
     model = build_model(size, s.device)
     net: nn.Module = model
     if kind == "compile":
+        import torch._dynamo  # not imported by `import torch` in every version
+
         torch._dynamo.reset()
         net = torch.compile(model, backend="inductor" if s.cuda else "eager")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
