@@ -42,7 +42,7 @@ training a small MLP under DDP with LiveRun, count with count_blocking_collectiv
 every blocking collective of a non-logging step (again less the bare DDP loop's).
 Budget 0: each one makes every rank wait for the slowest at every step.
 
-    python -m bench.step_cost [--steps N | --seconds-per-size 35] [--device cpu]
+    python -m bench.step_cost [--steps N | --seconds-per-size 30] [--device cpu]
                               [--db URL] [--quick]
 """
 
@@ -467,7 +467,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, help="measured steps per size (default: as many as "
                    "fit in --seconds-per-size)")
-    p.add_argument("--seconds-per-size", type=float, default=35.0)
+    p.add_argument("--seconds-per-size", type=float, default=30.0)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.add_argument("--db", help="database URL (default: SQLite in a temporary folder)")
     p.add_argument("--quick", action="store_true",
