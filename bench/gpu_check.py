@@ -43,14 +43,17 @@ import argparse
 import atexit
 import contextlib
 import importlib
+import importlib.util
 import math
 import os
+import platform
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import traceback
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +82,41 @@ def wheel_names(folder: Path) -> set[str]:
     return {w.name.split("-")[0].lower().replace("_", "-") for w in folder.glob("*.whl")}
 
 
+def fits_here(wheel: Path) -> bool:
+    """Whether a wheel's tags (name-version-python-abi-platform.whl) suit this Python."""
+    parts = wheel.name[:-len(".whl")].split("-")
+    if len(parts) < 5:
+        return False
+    python, abi, platform_tag = parts[-3:]
+    here = sys.version_info
+    pythons = python.split(".")
+    if abi == "abi3":
+        fits = any(t.startswith("cp3") and int(t[3:] or 0) <= here.minor for t in pythons)
+    else:
+        fits = f"cp{here.major}{here.minor}" in pythons or "py3" in pythons
+    machine = platform.machine()
+    return fits and (platform_tag == "any" or (sys.platform.startswith("linux")
+                                               and platform_tag.endswith(machine)))
+
+
+def unpack_wheels(folder: Path, target: str) -> subprocess.CompletedProcess[str]:
+    """What `pip install --target` does for these pure-layout wheels, for a Python
+    without pip: each project's newest wheel that suits this Python, unzipped."""
+    lacking = []
+    for project in WHEELS:
+        key = project.lower().replace("_", "-")
+        fitting = sorted((w for w in folder.glob("*.whl") if fits_here(w)
+                          and w.name.split("-")[0].lower().replace("_", "-") == key),
+                         key=lambda w: w.name)
+        if not fitting:
+            lacking.append(project)
+            continue
+        with zipfile.ZipFile(fitting[-1]) as wheel:
+            wheel.extractall(target)
+    why = f"no wheel for this Python of {', '.join(lacking)}" if lacking else ""
+    return subprocess.CompletedProcess(["unzip"], 1 if lacking else 0, "", why)
+
+
 def ensure_trainer_side(wheels: str | None) -> None:
     """Return when the trainer side imports; else install it from `wheels` into a
     temporary folder and exec this check again with it on PYTHONPATH (no return).
@@ -95,9 +133,12 @@ def ensure_trainer_side(wheels: str | None) -> None:
     have = wheel_names(folder) if folder.is_dir() else set()
     lacking = [w for w in WHEELS if w.lower().replace("_", "-") not in have]
     target = tempfile.mkdtemp(prefix="gpu-check-site-")
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
-         str(folder), "--target", target, *WHEELS], capture_output=True, text=True)
+    if importlib.util.find_spec("pip") is None:  # a Python without pip: unpack them
+        done = unpack_wheels(folder, target)
+    else:
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--find-links",
+             str(folder), "--target", target, *WHEELS], capture_output=True, text=True)
     if done.returncode != 0:
         shutil.rmtree(target, ignore_errors=True)
         last = (done.stderr.strip().splitlines() or ["(pip printed nothing)"])[-1]
