@@ -35,6 +35,7 @@ sync found is a finding, reported as FAIL in the table, as the check's purpose i
 report them.
 
     python -m bench.gpu_check [--quick] [--wheels gpu-wheels] [--device cuda|cpu]
+                              [--minutes 4.5]
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 import zipfile
 from collections.abc import Callable
@@ -209,6 +211,7 @@ class Setting:
     device: Any  # torch.device
     workdir: Path
     quick: bool
+    deadline: float  # time.monotonic() by which the last check should have ended
 
     @property
     def db_path(self) -> Path:
@@ -266,7 +269,8 @@ def check_ratios(s: Setting) -> list[Row]:
         if s.quick and not s.cuda and size.width > 512:
             rows.append(Row(f"ratio: {size.label}", "skipped: --quick on CPU (too slow)"))
             continue
-        r = measure_size(size, s.device, s.db, s.workdir, 60 if s.quick else None, 20.0,
+        seconds = max(2.0, min(20.0, (s.deadline - time.monotonic() - 30) / 4))
+        r = measure_size(size, s.device, s.db, s.workdir, 60 if s.quick else None, seconds,
                          warmup=5 if s.quick else 60, count_steps=10 if s.quick else 60)
         budget = r.size.ratio_budget or math.inf
         passed = r.ratio <= budget and r.ratio <= r.board_ratio
@@ -432,6 +436,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wheels", help="a folder of wheels to install the trainer side's "
                    "packages from when they do not import (make gpu-wheels)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--minutes", type=float, default=4.5,
+                   help="the time the checks must fit in (the timed ratios shrink to fit)")
     return p.parse_args(argv)
 
 
@@ -454,16 +460,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{sys.version.split()[0]}{', quick' if args.quick else ''}", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        s = Setting(device, Path(tmp), args.quick)
+        started = time.monotonic()
+        s = Setting(device, Path(tmp), args.quick, started + args.minutes * 60)
+        # The longest (the timed ratios, which fit themselves to the time left) last.
         checks: list[tuple[str, Callable[[], Row | list[Row]]]] = [
-            ("sync", lambda: check_sync(s)), ("ratios", lambda: check_ratios(s)),
+            ("sync", lambda: check_sync(s)),
             ("fp16 GradScaler run", lambda: check_precision(s, "fp16")),
             ("bf16 autocast run", lambda: check_precision(s, "bf16")),
             ("torch.compile run", lambda: check_precision(s, "compile")),
-            ("memory", lambda: check_memory(s))]
+            ("memory", lambda: check_memory(s)), ("ratios", lambda: check_ratios(s))]
         for label, check in checks:
+            if time.monotonic() > s.deadline - 20:
+                rows.append(Row(label, f"skipped: out of time ({args.minutes:g} minutes)"))
+                continue
             rows += guarded(label, check)
-            print(f"gpu_check: {label} done", flush=True)
+            print(f"gpu_check: {label} done, {time.monotonic() - started:.0f} s in",
+                  flush=True)
     print("\n| check | result |\n|---|---|")
     for row in rows:
         print(f"| {row.check} | {row.result.replace('|', '/')} |")
