@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench insight-eval soak schema browser screenshots clean
+.PHONY: demo test lint bench insight-eval soak schema browser screenshots clean gpu-wheels
 
 # The pinned requirements, then this package itself (editable: `import livetrain` sees the
 # work tree), exactly what a user does with `pip install -e .`.
@@ -37,6 +37,20 @@ screenshots: $(STAMP) browser
 
 bench: $(STAMP)
 	$(PYTHON) -m bench
+
+# What bench.gpu_check needs on a lent GPU machine that has torch but not the trainer
+# side's packages and cannot download: their wheels, for Linux x86-64 and Python
+# 3.10 to 3.12 (`python -m bench.gpu_check --wheels gpu-wheels` installs them from
+# there). The folder must stay under 64 MiB, what travels to that machine.
+GPU_WHEELS := SQLAlchemy psutil typing_extensions greenlet
+gpu-wheels: $(STAMP)
+	rm -rf gpu-wheels
+	for v in 3.10 3.11 3.12; do \
+	  $(PYTHON) -m pip download --quiet --only-binary=:all: --platform manylinux2014_x86_64 \
+	    --python-version $$v $(GPU_WHEELS) -d gpu-wheels || exit 1; \
+	done
+	@size=$$(du -sk gpu-wheels | cut -f1); ls gpu-wheels; echo "gpu-wheels: $$size KiB"; \
+	  test $$size -lt 65536 || (echo "gpu-wheels is over 64 MiB" >&2; exit 1)
 
 # The health rules against real runs: false alarms on 50 healthy ones (a tuning half and an
 # evaluation half no threshold was set on), and how soon each pathology is flagged (about

@@ -10,7 +10,7 @@ import sys
 import psutil
 
 BENCHMARKS = ("bench.overhead", "bench.frameworks", "bench.control_latency", "bench.ingest",
-              "bench.board_refresh", "bench.memory", "bench.seed_design")
+              "bench.board_refresh", "bench.memory", "bench.seed_design", "bench.step_cost")
 
 
 def main() -> int:
