@@ -8,6 +8,7 @@ with plain SQL, as any client may: an lr change, a pause, a resume, a stop.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -224,3 +225,53 @@ def test_a_killed_torchrun_job_resumes_the_same_run_on_every_rank(
     else:  # the kill came right after a checkpoint at the last logged step: nothing to cut
         assert cut == (None, None)
     sql.close()
+
+
+STEP_RUN = Path(__file__).with_name("ddp_step_run.py")
+
+
+def test_a_non_logging_step_runs_no_blocking_collective(tmp_path: Path, sqlite_url: str) -> None:
+    """A user's DDP loop on 2 gloo ranks: the steps between logs agree without a barrier
+    (the step boundary's flags travel in a collective read a step later), and an lr
+    change, a pause and a stop still land at the same step on both ranks."""
+    log_path = tmp_path / "ranks.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", str(STEP_RUN), "--db", sqlite_url,
+             "--checkpoint-dir", str(tmp_path / "checkpoints")],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+            start_new_session=True)
+    try:
+        sql = wait_for("the database", lambda: SqlClient(sqlite_url), timeout=60)
+        run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"), timeout=90)[0]
+        wait_for("3 logs", lambda: last_step(sql, run_id) >= 15, timeout=60)
+        versions = [submit(sql, run_id, "learning_rate = 0.002")]
+        acknowledged(sql, run_id, versions[-1])
+        versions.append(submit(sql, run_id, "pause_train = true"))
+        step_pause = acknowledged(sql, run_id, versions[-1])
+        time.sleep(1)
+        assert last_step(sql, run_id) <= step_pause  # both ranks wait
+        versions.append(submit(sql, run_id, "pause_train = false"))
+        assert acknowledged(sql, run_id, versions[-1]) == step_pause
+        wait_for("training to go on", lambda: last_step(sql, run_id) >= step_pause + 10)
+        versions.append(submit(sql, run_id, "stop_train = true"))
+        step_stop = acknowledged(sql, run_id, versions[-1])
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            kill_job(proc)
+    log = log_path.read_text()
+    for version in versions:  # each landed at one step on both ranks
+        found = applied(log, version)
+        assert set(found) == {0, 1} and found[0] == found[1], log[-3000:]
+    ends = [json.loads(line) for line in log.splitlines() if line.startswith('{"rank"')]
+    assert sorted(e["rank"] for e in ends) == [0, 1], log[-3000:]
+    assert ends[0]["steps"] == ends[1]["steps"] == step_stop
+    logged = set(range(5, step_stop + 1, 5))
+    changed = {applied(log, v)[0] for v in versions}
+    for end in ends:
+        blocking = {int(step) for step in end["blocking"]}
+        assert blocking <= logged | changed, (end, sorted(logged | changed))
+        assert blocking & logged  # the counter sees the logs' collectives: it counts
