@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from statistics import fmean, median
+from typing import Any
 
 from livetrain.db.contract import DEFAULTS, DROPOUT_MAX, LR_MAX, WEIGHT_DECAY_MAX
 from livetrain.trainer.evidence import (
@@ -678,10 +679,28 @@ def converged_at(history: Sequence[StepRecord], run: RunFacts) -> StepRecord | N
     lets a loss level off) or a CONVERGED_LEAVE_ACCURACY. The margin keeps the noise of a
     loss near 0 from ending and reopening the episode (a healthy ResNet-18 on digits: logs
     between 0.002 and 0.15, measured)."""
+    if _converged_memo and _converged_memo[0] is history and _converged_memo[1] == run:
+        return _converged_memo[2]  # several rules ask about the same log
     trained = _trained(history)
     scale = run.loss_scale
     limit = None if scale is None else CONVERGED_LOSS * scale
     leave = None if limit is None else CONVERGED_LEAVE * limit
+    # Held means at the looser floor at every later log, the latest among them: a run
+    # that is not there now has not converged, whatever it reached before.
+    held = _at_floor(trained, len(trained), leave, CONVERGED_LEAVE_ACCURACY)
+    found = _reached(trained, limit, leave) if held else None
+    _converged_memo[:] = [history, run, found]
+    return found
+
+
+# The last answer of converged_at, with the history tuple it was for (kept, so that its
+# identity cannot be reused) and the run's facts: the rules of one log share both.
+_converged_memo: list[Any] = []
+
+
+def _reached(trained: Sequence[StepRecord], limit: float | None,
+             leave: float | None) -> StepRecord | None:
+    """The latest log at the floor, from which every later one stayed at the looser one."""
     for end in range(len(trained), CONVERGED_LOGS - 1, -1):
         if _at_floor(trained, end, limit, CONVERGED_ACCURACY):
             held = all(_at_floor(trained, later, leave, CONVERGED_LEAVE_ACCURACY)

@@ -1,6 +1,6 @@
 """What the trainer measures, computed on the device and synchronised once per log.
 
-Per-step work is a detached loss kept in a list and, for a classifier, three small
+Per-step work is a detached loss kept in a list and, for a classifier, two small
 ops; `.item()`/`.tolist()` happen only on logged steps, so telemetry costs nothing
 between them.
 """
@@ -50,8 +50,8 @@ class IntervalMetrics:
     with the spread of the per-step losses: how far the average can be trusted.
 
     A step costs no device work for the loss (its detached tensor is kept) and, for a
-    classifier, three small ops that count the right answers; every CHUNK steps the kept
-    losses are stacked into one tensor. A log brings the interval to the host in one
+    classifier, two small ops that mark the right answers (counted at the log); every
+    CHUNK steps the kept tensors are folded into one. A log brings the interval to the host in one
     transfer and takes the sums there in float64, which MPS devices do not have.
     """
 
@@ -80,12 +80,15 @@ class IntervalMetrics:
             self.chunks.append(torch.stack(self.losses).float())
             self.losses = []
         if n and looks_like_classification(outputs, targets):
-            self.correct.append((outputs.detach().argmax(dim=1) == targets).sum())
+            self.correct.append(outputs.detach().argmax(dim=1) == targets)  # summed at the log
             if len(self.correct) == self.CHUNK:
-                self.correct = [torch.stack(self.correct).sum()]
+                self.correct = [self._right_answers().reshape(1)]
             self.predicted += targets.numel()
         self.samples += n or 0
         return n
+
+    def _right_answers(self) -> torch.Tensor:
+        return torch.cat([c.reshape(-1) for c in self.correct]).sum()
 
     def _packed(self, device: torch.device) -> torch.Tensor:
         """[loss x weight per step..., weight per step..., correct, predicted, steps]."""
@@ -93,7 +96,7 @@ class IntervalMetrics:
         parts = self.chunks + ([torch.stack(self.losses).float()] if self.losses else [])
         values = torch.cat(parts).to(device) if parts else torch.zeros(0, device=device)
         weights = torch.tensor(self.weights, dtype=torch.float32).to(device)
-        correct = torch.stack(self.correct).sum().float().reshape(1).to(device) \
+        correct = self._right_answers().float().reshape(1).to(device) \
             if self.correct else torch.zeros(1, device=device)
         counts = torch.tensor([float(self.predicted), float(steps)]).to(device)
         return torch.cat([values * weights, weights, correct, counts])
@@ -373,14 +376,18 @@ class LayerProbe:
         return [layer.weight for layer in self.layers]
 
     def before_update(self) -> None:
+        """Gradient norms, and the even stride of each weight that its update is measured
+        on: the ratio of two means and a histogram need no more, and a copy of every
+        weight at every log was the largest cost of a log on a wide model."""
         weights = self._weights()
         self._grad_norms = [w.grad.detach().norm() if w.grad is not None else None
                             for w in weights]
-        self._before = [w.detach().clone() for w in weights]
+        self._before = [even_sample(w.detach().reshape(-1)).clone() for w in weights]
 
     def after_update(self) -> None:
         weights = self._weights()
-        self._updates = [w.detach() - b for w, b in zip(weights, self._before, strict=True)]
+        self._updates = [even_sample(w.detach().reshape(-1)) - b
+                         for w, b in zip(weights, self._before, strict=True)]
         self._update_ratios = [
             u.abs().mean() / b.abs().mean().clamp_min(1e-12) if w.requires_grad else None
             for w, u, b in zip(weights, self._updates, self._before, strict=True)
