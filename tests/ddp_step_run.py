@@ -13,9 +13,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from bench.counting import count_blocking_collectives
 from torch import nn
 
+from bench.counting import count_blocking_collectives
 from livetrain import LiveRun
 
 

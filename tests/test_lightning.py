@@ -173,10 +173,10 @@ class Steering(RunSql, threading.Thread):
         wait_for(f"step {step + more}", lambda: self.trainer.global_step >= step + more)
 
 
-def trainer_for(tmp_path: Path, db: str, name: str,
-                log_every: int) -> tuple[pl.Trainer, LiveTrainingCallback]:
+def trainer_for(tmp_path: Path, db: str, name: str, log_every: int,
+                **options: Any) -> tuple[pl.Trainer, LiveTrainingCallback]:
     callback = LiveTrainingCallback(db=db, name=name, log_every=log_every,
-                                    checkpoint_dir=tmp_path / "checkpoints")
+                                    checkpoint_dir=tmp_path / "checkpoints", **options)
     trainer = pl.Trainer(max_steps=MAX_STEPS, accelerator="cpu", devices=1,
                          enable_progress_bar=False, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, default_root_dir=tmp_path,
@@ -444,9 +444,12 @@ class BlowsUp(DigitsMLP):
 
 
 def test_a_blow_up_pauses_the_fit_before_the_update(tmp_path: Path, sqlite_url: str) -> None:
-    """As in train.py: the non-finite update is dropped, the run pauses with the reason
-    and a fix, the weights stay finite; a stop from SQL then ends the paused fit."""
-    trainer, callback = trainer_for(tmp_path, sqlite_url, "blows-up", log_every=10)
+    """As in train.py with the exact guard: the non-finite update is dropped, the run
+    pauses at that step with the reason and a fix, the weights stay finite; a stop from
+    SQL then ends the paused fit. (The default guard's refusal on the device, paused at
+    the next log, is tests/test_step_sync.py's.)"""
+    trainer, callback = trainer_for(tmp_path, sqlite_url, "blows-up", log_every=10,
+                                    nan_guard="exact")
     module = BlowsUp()
     seen: dict[str, Any] = {}
 

@@ -6,6 +6,7 @@ import signal
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from test_livetrain_api import (
     SqlClient,
@@ -42,16 +43,20 @@ def poisoned(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x * float("nan"), y
 
 
+@pytest.mark.parametrize("guard", ["exact", "auto"])
 def test_a_non_finite_loss_pauses_before_the_update_and_the_fix_resumes(
-    tmp_path: Path, db_url: str
+    tmp_path: Path, db_url: str, guard: str
 ) -> None:
     """The NaN batch's update is refused (the weights stay finite), the run pauses in
     run.step() with the heartbeat alive, and the board's fix (a lower lr, unpaused)
-    lets the same loop go on."""
+    lets the same loop go on. The exact guard pauses at the NaN step itself (7, not
+    counted); the default guard (SGD runs fused, the flag stays on the device) refuses
+    that update and the next ones on the device and pauses at the next log (10)."""
     model = two_layer_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     store = Store(db_url)
     fixed = threading.Event()
+    paused_after = 6 if guard == "exact" else 9  # the seed whose run.step() blocks
 
     def board() -> None:  # what a user does from the board once the alert shows
         wait_for("the alert", lambda: [e for e in store.events(run.run_id)
@@ -60,7 +65,7 @@ def test_a_non_finite_loss_pauses_before_the_update_and_the_fix_resumes(
         fixed.set()
 
     with LiveRun(model, optimizer, db=db_url, log_every=5, checkpoint_dir=tmp_path / "ck",
-                 handle_signals=False) as run:
+                 handle_signals=False, nan_guard=guard) as run:
         helper = threading.Thread(target=board, daemon=True)
         helper.start()
         for seed in range(12):
@@ -69,15 +74,24 @@ def test_a_non_finite_loss_pauses_before_the_update_and_the_fix_resumes(
             loss = nn.functional.cross_entropy(out, y)
             run.optimizer.zero_grad()
             loss.backward()
+            if seed == 6:
+                before = [p.detach().clone() for p in model.parameters()]
             run.optimizer.step()
             run.step(loss=loss, outputs=out, targets=y)
-            if seed == 6:
+            if seed == paused_after:
                 assert fixed.is_set()  # step() blocked until the board answered
-                assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert run.status == "finished" and run.global_step == 11  # the NaN step is not counted
+                assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before,
+                                                             strict=True))
     events = {e["code"]: e for e in store.events(run.run_id)}
-    assert events["non_finite"]["step"] == 6
-    assert "paused before the update" in events["non_finite"]["message"]
+    if guard == "exact":
+        assert run.status == "finished" and run.global_step == 11  # the NaN step is not counted
+        assert events["non_finite"]["step"] == 6
+        assert "paused before the update" in events["non_finite"]["message"]
+    else:
+        assert run.status == "finished" and run.global_step == 12
+        assert events["non_finite"]["step"] == 10
+        assert "between steps 6 and 10" in events["non_finite"]["message"]
+        assert "refused on the device" in events["non_finite"]["message"]
     assert run.optimizer.param_groups[0]["lr"] == 0.01
     store.close()
 

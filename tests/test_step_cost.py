@@ -20,7 +20,7 @@ def test_step_cost_quick(tmp_path: Path) -> None:
              "PYTHONPATH": str(ROOT)})
     out = done.stdout
     assert done.returncode in (0, 1), out[-3000:] + done.stderr[-3000:]
-    assert "| step size | steps | bare ms/step |" in out
+    assert "| step size | steps | bare ms/step (as written: foreach Adam) |" in out
     assert "| MLP 784-64-64-10, batch 32 | 100 |" in out
     assert "reproduce: python -m bench.step_cost --quick" in out
     verdicts = [line for line in out.splitlines() if line.startswith(("[PASS]", "[FAIL]"))]

@@ -8,6 +8,7 @@ numpy, on a real LiveRun writing to SQLite.
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
 import threading
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench.counting import count_host_reads
 from torch import nn
 
+from bench.counting import count_host_reads
 from livetrain import LiveRun
 from livetrain.trainer.guard import fuse
 
@@ -211,7 +212,7 @@ def assert_finite_telemetry(tmp_path: Path, logs: int) -> None:
     assert layers and all(v is not None and math.isfinite(v) for row in layers for v in row)
 
 
-@pytest.mark.parametrize("optimizer", ["adam (fused: the scaler passes its scale)",
+@pytest.mark.parametrize("optimizer", ["adam fused by the user (the scaler passes its scale)",
                                        "rmsprop (the scaler unscales first)"])
 def test_grad_scaler_and_board_clipping_see_unscaled_gradients(
     tmp_path: Path, optimizer: str
@@ -219,7 +220,8 @@ def test_grad_scaler_and_board_clipping_see_unscaled_gradients(
     """GradScaler with fp16 autocast: clipping from the board (0.05) bounds the true
     gradients, not the scaled ones (2**12 larger), and the telemetry is finite."""
     model = mlp()
-    make = torch.optim.Adam if optimizer.startswith("adam") else torch.optim.RMSprop
+    make = functools.partial(torch.optim.Adam, fused=True) if optimizer.startswith("adam") \
+        else torch.optim.RMSprop
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     norms = []
     with open_run(tmp_path, model, make(model.parameters(), lr=1e-3), grad_clip=0.05) as run:

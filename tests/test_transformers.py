@@ -513,8 +513,9 @@ def test_a_nan_gradient_is_dropped_before_the_update_and_pauses(
 ) -> None:
     """The check before each update uses the norm the Trainer computed (the norms it
     read are the Trainer's logged `grad_norm`s); step 8's is NaN: that update is
-    dropped, the weights stay finite, and the run pauses with the reason."""
-    trainer, callback = live_trainer(tmp_path, sqlite_url, log_every=5)
+    dropped, the weights stay finite, and the run pauses with the reason (the exact
+    guard: at that step; the default refuses on the device, tests/test_step_sync.py)."""
+    trainer, callback = live_trainer(tmp_path, sqlite_url, log_every=5, nan_guard="exact")
     trainer.__class__ = NanAtStep
     read: list[float | None] = []
     original = TransformersRun.known_gradient_norm

@@ -20,6 +20,9 @@ What then keeps the update from the weights depends on the mode:
   fused kernel (the same arithmetic, one kernel for the whole update), which takes the
   flag. Elsewhere, `"exact"` on the CPU (a CPU tensor's read waits for nothing) and
   `"device"` on an accelerator.
+
+Sparse gradients (`nn.Embedding(sparse=True)`) are always guarded exactly: they can be
+neither fused nor zeroed in place.
 """
 
 from __future__ import annotations
@@ -44,14 +47,15 @@ def fused_devices() -> set[str]:
 
 def runs_fused(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every param group runs a fused kernel that takes `found_inf`."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
-        group.get("fused") for group in optimizer.param_groups)
+    return type(optimizer) in FUSABLE and all(group.get("fused")
+                                              for group in optimizer.param_groups)
 
 
-def can_fuse(optimizer: torch.optim.Optimizer) -> bool:
+def can_fuse(optimizer: torch.optim.Optimizer, sparse: set[int]) -> bool:
     """Whether torch was left to choose this optimizer's implementation and has a fused one
-    for all of its parameters: Adam, AdamW or SGD, floating-point dense parameters on
-    fused-capable devices, and no `differentiable` or `capturable` group."""
+    for all of its parameters: Adam, AdamW or SGD, floating-point parameters on
+    fused-capable devices with dense gradients (`sparse`: the ids of those without), and
+    no `differentiable` or `capturable` group."""
     if type(optimizer) not in FUSABLE:
         return False
     devices = fused_devices()
@@ -60,7 +64,7 @@ def can_fuse(optimizer: torch.optim.Optimizer) -> bool:
                 or group.get("differentiable") or group.get("capturable"):
             return False
         for p in group["params"]:
-            if p.device.type not in devices or not p.is_floating_point() or p.is_sparse:
+            if p.device.type not in devices or not p.is_floating_point() or id(p) in sparse:
                 return False
     return True
 
@@ -76,17 +80,19 @@ def fuse(optimizer: torch.optim.Optimizer) -> None:
             step = optimizer.state.get(p, {}).get("step")
             if isinstance(step, torch.Tensor):
                 optimizer.state[p]["step"] = step.to(p.device, torch.float32)
-    optimizer._step_supports_amp_scaling = True  # what GradScaler looks for
+    # Not `_step_supports_amp_scaling`: a GradScaler (and Lightning's AMP plugin, which
+    # then refuses gradient clipping) treats the optimizer as the user built it.
 
 
 class NanGuard:
     """The guard of one run: its mode and the flag it keeps on the device."""
 
-    def __init__(self, mode: str, device: torch.device) -> None:
+    def __init__(self, mode: str, sparse: set[int] | None = None) -> None:
+        """`sparse`: the ids of the parameters whose gradients are sparse."""
         if mode not in NAN_GUARDS:
             raise ValueError(f"nan_guard must be one of {', '.join(NAN_GUARDS)}, got {mode!r}")
         self.requested = mode
-        self.device = device
+        self.sparse = sparse or set()
         self.mode = "exact" if mode == "exact" else "device"
         self.fused = False  # the optimizer in force skips on the device itself
         self._flag: torch.Tensor | None = None  # 1.0 once a gradient was not finite
@@ -96,14 +102,17 @@ class NanGuard:
         """Settle how this optimizer's updates are refused; what was changed, if anything,
         for the run's log."""
         switched = None
-        if self.requested != "exact" and not runs_fused(optimizer) and can_fuse(optimizer):
+        if self.requested != "exact" and not runs_fused(optimizer) \
+                and can_fuse(optimizer, self.sparse):
             fuse(optimizer)
             switched = f"{type(optimizer).__name__} runs its fused kernel, which skips a " \
                 "non-finite update on the device (nan_guard: no host sync a step)"
         self.fused = runs_fused(optimizer)
-        if self.requested == "auto":
-            on_cpu = all(p.device.type == "cpu" for g in optimizer.param_groups
-                         for p in g["params"])
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if any(id(p) in self.sparse for p in params):
+            self.mode = "exact"  # sparse gradients cannot be zeroed in place on the device
+        elif self.requested == "auto":
+            on_cpu = all(p.device.type == "cpu" for p in params)
             self.mode = "exact" if on_cpu and not self.fused else "device"
         return switched
 
@@ -146,7 +155,7 @@ class NanGuard:
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer is the user's again: no `found_inf` left on it."""
-        if optimizer.__dict__.get("found_inf") is self._flag:
+        if self._flag is not None and optimizer.__dict__.get("found_inf") is self._flag:
             del optimizer.found_inf
 
     def tripped(self) -> bool:

@@ -42,6 +42,7 @@ from livetrain.trainer.inspection import (
     awaits_first_batch,
     model_device,
     parameters_count,
+    sparse_parameters,
     trains_anything,
     unwrapped,
 )
@@ -179,7 +180,7 @@ class LiveRun:
         if self.table is not None and self.compiled:
             self.probe.eager_next_forward()  # the table's hooks run, and leave the graph
         self.logbook = Logbook(self, validate, num_classes, early_stopping)
-        self.guard = NanGuard(nan_guard, self.device)
+        self.guard = NanGuard(nan_guard, sparse=set(sparse_parameters(model)))
         self.updates = UpdateHooks(self)
         self._between_batches: RemovableHandle | None = None
         self.watch_forward(self.shapeless)
