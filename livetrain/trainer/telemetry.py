@@ -236,6 +236,20 @@ def histograms(tensors: list[torch.Tensor], bins: int) -> list[tuple[list[float]
     ]
 
 
+def read_scalars(values: list[torch.Tensor | None]) -> list[float | None]:
+    """One-value tensors (None stays None) as floats, in one read where they share a
+    device: each `.item()` of a log was a device sync of its own."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return [None] * len(values)
+    device = present[0].device
+    if all(v.device == device for v in present):
+        read = iter(torch.stack([v.float().reshape(()) for v in present]).tolist())
+    else:
+        read = iter([v.item() for v in present])
+    return [None if v is None else next(read) for v in values]
+
+
 def activation_summary(x: torch.Tensor) -> torch.Tensor:
     """[mean, std, fraction of zeros, fraction of dead units] of one activation.
 
@@ -248,7 +262,8 @@ def activation_summary(x: torch.Tensor) -> torch.Tensor:
     dims = [d for d in range(x.ndim) if d != 1]
     dead = (x.amax(dim=dims) == 0) & (x.amin(dim=dims) == 0)
     zeros = (even_sample(x.flatten()) == 0).float().mean()
-    return torch.stack([x.mean(), x.std(unbiased=False), zeros, dead.float().mean()])
+    std, mean = torch.std_mean(x, unbiased=False)
+    return torch.stack([mean, std, zeros, dead.float().mean()])
 
 
 def even_sample(flat: torch.Tensor) -> torch.Tensor:
@@ -388,10 +403,13 @@ class LayerProbe:
         weights = self._weights()
         self._updates = [even_sample(w.detach().reshape(-1)) - b
                          for w, b in zip(weights, self._before, strict=True)]
-        self._update_ratios = [
-            u.abs().mean() / b.abs().mean().clamp_min(1e-12) if w.requires_grad else None
-            for w, u, b in zip(weights, self._updates, self._before, strict=True)
-        ]
+        # mean |update| / mean |weight| over the same stride: the ratio of their L1 norms,
+        # two multi-tensor ops for all layers
+        moved = torch.stack(torch._foreach_norm(self._updates, 1))
+        held = torch.stack(torch._foreach_norm(self._before, 1))
+        ratios = moved / held.clamp_min(1e-12 * max(b.numel() for b in self._before))
+        self._update_ratios = [r if w.requires_grad else None
+                               for w, r in zip(weights, ratios, strict=True)]
         self._before = []
 
     def forget_update(self) -> None:
@@ -409,11 +427,13 @@ class LayerProbe:
         acts = [self._captured[layer.name][0].float() for layer in layers]
         weights = [layer.weight.detach() for layer in self.layers]
         count = len(self.layers)
-        weight_norms = torch.stack([w.float().norm() for w in weights]).tolist()
-        grad_norms = [g.item() if g is not None else None for g in self._grad_norms]
-        ratios = [r.item() if r is not None else None for r in self._update_ratios]
-        grad_norms, ratios = grad_norms or [None] * count, ratios or [None] * count
-        per_act = torch.stack([activation_summary(a) for a in acts]).tolist() if acts else []
+        summaries = [activation_summary(a) for a in acts]
+        scalars = read_scalars([*torch._foreach_norm(weights), *self._grad_norms]
+                               + self._update_ratios + [v for a in summaries for v in a.unbind()])
+        weight_norms = [scalars.pop(0) for _ in range(count)]
+        grad_norms = [scalars.pop(0) for _ in self._grad_norms] or [None] * count
+        ratios = [scalars.pop(0) for _ in self._update_ratios] or [None] * count
+        per_act = [scalars[4 * i: 4 * i + 4] for i in range(len(acts))]
         hists = histograms(acts + weights + self._updates, self.bins)
         act_hists, weight_hists = hists[: len(acts)], hists[len(acts): len(acts) + count]
         update_hists = hists[len(acts) + count:]
