@@ -128,7 +128,7 @@ class NanGuard:
         update as the mode says. True when the gradients must be dropped now (exact)."""
         flag = self.flag(grads[0].device)
         if total is not None:  # the clipping (or the framework) has the norm already
-            flag.masked_fill_(torch.isfinite(total).logical_not_(), 1.0)
+            flag.masked_fill_(torch.isfinite(total).logical_not_().to(flag.device), 1.0)
         elif all(g.device == flag.device and not g.is_sparse for g in grads):
             torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, self._one)
         else:  # several devices, or sparse gradients
