@@ -82,7 +82,7 @@ class UpdateHooks:
             total = nn.utils.clip_grad_norm_(params, clip)
         elif (known := self.run.known_gradient_norm()) is not None:
             total = torch.as_tensor(known)
-        if not scaler_skips and self.run.guard.check(optimizer, grads, total):
+        if not scaler_skips and self.run.guard.check(optimizer, params, grads, total):
             for p in params:  # exact: the update would spread NaN or inf into the weights
                 p.grad = None
             self._dropped = True
