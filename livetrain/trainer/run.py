@@ -34,6 +34,7 @@ from livetrain.db.contract import Hyperparameters, validate
 from livetrain.db.listener import ParameterListener
 from livetrain.db.store import Store, describe_url, now, open_store, resolve_url
 from livetrain.db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
+from livetrain.trainer.allocator import keep_freed_memory
 from livetrain.trainer.checkpointing import Checkpoint, CheckpointRing, Restorable
 from livetrain.trainer.control import Controller, describe
 from livetrain.trainer.distributed import Ranks
@@ -146,6 +147,7 @@ class LiveRun:
         # The user's own module to inspect and save: DDP or the compiled wrapper trains it.
         model, self.compiled = unwrapped(model)
         self.model, self._optimizer = model, optimizer
+        keep_freed_memory()  # no page-fault storm at every step (allocator.py; train.py too)
         self.schedulers = [] if scheduler is None else \
             list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
         params = initial_parameters(model, optimizer, self.schedulers, grad_clip)
