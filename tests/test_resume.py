@@ -259,28 +259,49 @@ def test_a_config_that_is_not_an_object_is_not_proof(config: Any) -> None:
 # -- what a resume takes from the database ------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def finished_sqlite_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """One finished run (its folder and its SQLite URL) for the forged-config cases: each
+    resume is refused before it changes anything, and each case puts the config back."""
+    folder = tmp_path_factory.mktemp("finished")
+    url = f"sqlite:///{folder / 'training.db'}"
+    sql, _ = finished_run(folder, url)
+    sql.close()
+    yield folder, url
+
+
 @pytest.mark.parametrize("forged", [
     {"lr": "abc"}, {"model": "../../elsewhere"}, {"epochs": -5}, {"batch_size": 1e9},
     {"optimizer": "Adam; DROP TABLE runs"}, {"init": "normal:-1"}, {"dropout": True},
 ])
 def test_a_resume_refuses_options_forged_in_the_runs_config(
-    tmp_path: Path, sqlite_url: str, forged: dict[str, Any]
+    finished_sqlite_run: tuple[Path, str], forged: dict[str, Any]
 ) -> None:
     """runs.config is written by the trainer, but any SQL client can rewrite it: a resume
     checks every option it takes from there as the command line would."""
-    sql, run_id = finished_run(tmp_path, sqlite_url)
+    folder, sqlite_url = finished_sqlite_run
+    sql = SqlClient(sqlite_url)
+    (run_id,) = sql.one("SELECT run_id FROM runs")
     store = Store(sqlite_url)
-    config = store.get_run(run_id)["config"] | forged
+    original = store.get_run(run_id)["config"]
+    assert not set(forged) & {k for k, v in original.items() if v == forged.get(k)}
     with store.engine.begin() as conn:
-        conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(config=config))
-    result = train(tmp_path, sqlite_url, "--resume", str(run_id))
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert f"run {run_id}" in line and next(iter(forged)) in line, line
-    assert run_status(sql, run_id) == "finished"
-    store.close()
-    sql.close()
+        conn.execute(update(s.runs).where(s.runs.c.run_id == run_id)
+                     .values(config=original | forged))
+    try:
+        result = train(folder, sqlite_url, "--resume", str(run_id))
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+        assert f"run {run_id}" in line and next(iter(forged)) in line, line
+        assert run_status(sql, run_id) == "finished"
+        assert sql.one("SELECT count(*) FROM events WHERE code = 'run_resumed'")[0] == 0
+    finally:  # the next case starts from the run as the trainer left it
+        with store.engine.begin() as conn:
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id)
+                         .values(config=original))
+        store.close()
+        sql.close()
 
 
 def test_resuming_twice_records_each_version_once_and_refuses_no_row(
