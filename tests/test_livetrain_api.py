@@ -252,8 +252,9 @@ def stop(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> None:
     assert status == "stopped" and ended is not None
 
 
-# PostgreSQL only: LiveRun reads SQLite's rows with the same code, steered on SQLite by
-# test_sql_switches_the_optimizer_under_the_unchanged_loop and test_train_e2e's steering test.
+# PostgreSQL only: LiveRun reads SQLite's rows with the same code; on SQLite it is steered
+# by test_sql_switches_the_optimizer_under_the_unchanged_loop (an lr change and a stop) and
+# test_train_e2e's steering test, and paused and resumed in test_lightning's [sqlite] case.
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_sql_client_steers_lr_pause_resume_and_stop(tmp_path: Path, db_url: str) -> None:
     with user_run(tmp_path, db_url, "--epochs", "100000", "--sleep", "0.01") as proc:
