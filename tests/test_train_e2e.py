@@ -276,7 +276,7 @@ def run_status(sql: SqlClient, run_id: int) -> str:
 
 # PostgreSQL only: the trainer's pause, resume and rollback do not depend on the back end;
 # SQLite's rollback through a real trainer is test_non_finite_loss_pauses_and_a_rollback_recovers
-# and its pause and resume are test_livetrain_api's steering test.
+# and its pause and resume are test_livetrain_api's test_sql_client_steers_lr_pause_resume_and_stop.
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_pause_resume_and_rollback_by_sql(tmp_path: Path, db_url: str) -> None:
     with trainer(tmp_path, db_url, "--checkpoint-every", "20") as proc:
