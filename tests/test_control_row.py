@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from test_train_e2e import SqlClient, max_step, run_status, statistics, trainer, wait_for
+from test_train_e2e import SMALL, SqlClient, max_step, run_status, statistics, trainer, wait_for
 
 from livetrain.db.contract import Hyperparameters
 from livetrain.db.listener import ParameterListener
@@ -271,7 +271,7 @@ def write_bad_rows(sql: SqlClient, run_id: int) -> tuple[dict[int, str], dict[st
 # by the same code, checked on PostgreSQL at the store and the listener above.
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_bad_control_rows_are_rejected_and_training_goes_on(tmp_path: Path, db_url: str) -> None:
-    with trainer(tmp_path, db_url, "--checkpoint-every", "10") as proc:
+    with trainer(tmp_path, db_url, *SMALL, "--checkpoint-every", "10") as proc:
         sql = wait_for("the database", lambda: SqlClient(db_url), timeout=30)
         run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
         wait_for("a checkpoint past step 10", lambda: (sql.one(

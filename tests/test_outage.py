@@ -17,7 +17,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from conftest import ServerLock
-from test_train_e2e import SqlClient, max_step, trainer, wait_for
+from test_train_e2e import SMALL, SqlClient, max_step, trainer, wait_for
 
 OUTAGE_SECONDS = 30  # the most an outage is waited on for the trainer to react to it
 AFTER_REACTION_SECONDS = 3  # the outage goes on that long once the trainer has reacted
@@ -65,7 +65,7 @@ def recover_and_steer(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> No
 def test_postgresql_restart_mid_run(tmp_path: Path, postgres_server: ServerLock,
                                     postgres_url: str) -> None:
     postgres_server.own()  # the other tests wait while the server is down
-    with trainer(tmp_path, postgres_url, "--buffer-rows", BUFFER_ROWS) as proc:
+    with trainer(tmp_path, postgres_url, *SMALL, "--buffer-rows", BUFFER_ROWS) as proc:
         sql = wait_for("the database", lambda: SqlClient(postgres_url), timeout=30)
         run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
         wait_for("some logs", lambda: max_step(sql, run_id) >= 20)
@@ -94,7 +94,7 @@ def test_postgresql_restart_mid_run(tmp_path: Path, postgres_server: ServerLock,
 
 
 def test_sqlite_locked_by_another_writer(tmp_path: Path, sqlite_url: str) -> None:
-    with trainer(tmp_path, sqlite_url) as proc:
+    with trainer(tmp_path, sqlite_url, *SMALL) as proc:
         sql = wait_for("the database", lambda: SqlClient(sqlite_url), timeout=30)
         run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
         wait_for("some logs", lambda: max_step(sql, run_id) >= 20)

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 from sqlalchemy import update
-from test_train_e2e import ROOT, SqlClient, max_step, run_status, trainer, wait_for
+from test_train_e2e import ROOT, SMALL, SqlClient, max_step, run_status, trainer, wait_for
 from test_untrusted_files import finished_run, train
 
 from livetrain.db import schema as s
@@ -59,7 +59,7 @@ def resume_command(url: str, tmp_path: Path, run_id: int, *extra: str) -> list[s
 def test_resume_at_once_after_kill_9(tmp_path: Path, db_url: str) -> None:
     """kill -9, then --resume at once: the heartbeat is still fresh (the run shows as
     running), but the recorded pid on this host is dead, so the run goes on."""
-    with trainer(tmp_path, db_url, "--checkpoint-every", "10") as proc:
+    with trainer(tmp_path, db_url, *SMALL, "--checkpoint-every", "10") as proc:
         sql, run_id = started_run(tmp_path, db_url, proc)
         proc.kill()
         proc.wait()
@@ -149,7 +149,7 @@ def test_resume_wait_waits_for_a_trainer_elsewhere(tmp_path: Path, sqlite_url: s
     """A trainer on another host cannot be checked for life: --resume is refused while
     its heartbeat is fresh, and --resume --wait waits until the run counts as lost
     (Ctrl-C ends that wait and changes nothing)."""
-    with trainer(tmp_path, sqlite_url, "--checkpoint-every", "10") as proc:
+    with trainer(tmp_path, sqlite_url, *SMALL, "--checkpoint-every", "10") as proc:
         sql, run_id = started_run(tmp_path, sqlite_url, proc)
         proc.kill()
         proc.wait()
