@@ -52,9 +52,9 @@ def resume_command(url: str, tmp_path: Path, run_id: int, *extra: str) -> list[s
             "--checkpoint-dir", str(tmp_path / "checkpoints"), *extra]
 
 
-# PostgreSQL only: the dead trainer's session is still open on the server when the resume
-# starts; SQLite's kill -9 and resume are test_train_e2e's
-# test_resume_after_kill_9_continues_the_same_run.
+# PostgreSQL only: the decision rests on the recorded pid and host, read the same way from
+# either back end (trainer_gone is tested without a database below); SQLite's kill -9 and
+# resume are test_train_e2e's test_resume_after_kill_9_continues_the_same_run.
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_resume_at_once_after_kill_9(tmp_path: Path, db_url: str) -> None:
     """kill -9, then --resume at once: the heartbeat is still fresh (the run shows as
