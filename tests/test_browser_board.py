@@ -270,7 +270,10 @@ def test_watch_steer_and_stop_a_run(
             until(browser, lambda d: len(trace(d, "loss-graph", 0)["x"]) > shown + 2,
                   "the loss curve to grow")
             run_id = store.list_runs()[0]["run_id"]
-            if backend == "postgresql":  # a longer history makes a better screenshot
+            # A longer history makes a better picture: trained for only when the picture
+            # goes to docs/ (`make screenshots`); the test takes it either way.
+            for_the_readme = backend == "postgresql" and os.environ.get("SCREENSHOTS") == "1"
+            if for_the_readme:
                 until(browser, lambda d: last_step(d) >= 100, "step 100")
 
             # An invalid learning rate is refused next to the field; nothing is written.
@@ -313,8 +316,9 @@ def test_watch_steer_and_stop_a_run(
             browser.switch_to.window(first_tab)
 
             if backend == "postgresql":
-                until(browser, lambda d: last_step(d) >= applied_step + 120,
-                      "120 steps after the change")
+                if for_the_readme:
+                    until(browser, lambda d: last_step(d) >= applied_step + 120,
+                          "120 steps after the change")
                 save_page_screenshot(browser, screenshot_path(SCREENSHOT, tmp_path))
 
             # Stop, confirm, and the run ends cleanly.

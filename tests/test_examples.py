@@ -43,6 +43,9 @@ def check_finished_run(url: str, name: str, last_step: int) -> None:
     sql.close()
 
 
+# PostgreSQL only: every example also runs to its end on SQLite in
+# test_example_defaults_finish below (the same code path, the default --db).
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_example_with_max_steps(tmp_path: Path, db_url: str, example: str) -> None:
     name = f"test-{Path(example).stem}"

@@ -252,6 +252,11 @@ def stop(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> None:
     assert status == "stopped" and ended is not None
 
 
+# SQLite only: LiveRun reads PostgreSQL's rows with the same code; on PostgreSQL it is
+# steered by test_sql_switches_the_optimizer_under_the_unchanged_loop (a change and a stop),
+# and train.py, built on it, is paused, resumed and rolled back in test_train_e2e's
+# test_pause_resume_and_rollback_by_sql.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_sql_client_steers_lr_pause_resume_and_stop(tmp_path: Path, db_url: str) -> None:
     with user_run(tmp_path, db_url, "--epochs", "100000", "--sleep", "0.01") as proc:
         sql, run_id = started(db_url)
@@ -270,6 +275,9 @@ def test_sql_client_steers_lr_pause_resume_and_stop(tmp_path: Path, db_url: str)
     sql.close()
 
 
+# PostgreSQL only: the switch is read and applied by the same code on both back ends; the
+# steering test above runs on SQLite.
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_sql_switches_the_optimizer_under_the_unchanged_loop(
     tmp_path: Path, db_url: str
 ) -> None:

@@ -17,9 +17,10 @@ from itertools import pairwise
 from pathlib import Path
 
 from conftest import ServerLock
-from test_train_e2e import SqlClient, max_step, trainer, wait_for
+from test_train_e2e import SMALL, SqlClient, max_step, trainer, wait_for
 
-OUTAGE_SECONDS = 30
+OUTAGE_SECONDS = 30  # the most an outage is waited on for the trainer to react to it
+AFTER_REACTION_SECONDS = 3  # the outage goes on that long once the trainer has reacted
 BUFFER_ROWS = "60"  # a few logs' worth: the outage must spill rows to disk
 
 
@@ -64,7 +65,7 @@ def recover_and_steer(sql: SqlClient, run_id: int, proc: subprocess.Popen) -> No
 def test_postgresql_restart_mid_run(tmp_path: Path, postgres_server: ServerLock,
                                     postgres_url: str) -> None:
     postgres_server.own()  # the other tests wait while the server is down
-    with trainer(tmp_path, postgres_url, "--buffer-rows", BUFFER_ROWS) as proc:
+    with trainer(tmp_path, postgres_url, *SMALL, "--buffer-rows", BUFFER_ROWS) as proc:
         sql = wait_for("the database", lambda: SqlClient(postgres_url), timeout=30)
         run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
         wait_for("some logs", lambda: max_step(sql, run_id) >= 20)
@@ -72,7 +73,12 @@ def test_postgresql_restart_mid_run(tmp_path: Path, postgres_server: ServerLock,
         sql.close()
         try:
             cluster("stop")
-            time.sleep(OUTAGE_SECONDS)
+            # Not a fixed wait: the outage lasts until the trainer has spilled rows past
+            # --buffer-rows (it noticed, and kept training), then a little longer. Every
+            # other PostgreSQL test of the suite waits while the server is down.
+            wait_for("past --buffer-rows the rows go to disk",
+                     lambda: spilled(tmp_path, run_id), timeout=OUTAGE_SECONDS)
+            time.sleep(AFTER_REACTION_SECONDS)
             assert proc.poll() is None, "training must go on while the database is down"
             assert spilled(tmp_path, run_id), "past --buffer-rows the rows go to disk"
         finally:
@@ -88,14 +94,20 @@ def test_postgresql_restart_mid_run(tmp_path: Path, postgres_server: ServerLock,
 
 
 def test_sqlite_locked_by_another_writer(tmp_path: Path, sqlite_url: str) -> None:
-    with trainer(tmp_path, sqlite_url) as proc:
+    with trainer(tmp_path, sqlite_url, *SMALL) as proc:
         sql = wait_for("the database", lambda: SqlClient(sqlite_url), timeout=30)
         run_id = wait_for("a run", lambda: sql.one("SELECT run_id FROM runs"))[0]
         wait_for("some logs", lambda: max_step(sql, run_id) >= 20)
         locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
         before = max_step(sql, run_id)
-        time.sleep(OUTAGE_SECONDS / 2)
+        # Held until a write has waited out the trainer's busy timeout and failed (its
+        # warning is in the log), then a little longer: not a fixed wait.
+        log, failed = tmp_path / "train.log", "database write failed"
+        earlier = log.read_text().count(failed)
+        wait_for("a write to fail on the lock", lambda: log.read_text().count(failed) > earlier,
+                 timeout=OUTAGE_SECONDS)
+        time.sleep(AFTER_REACTION_SECONDS)
         assert max_step(sql, run_id) == before  # nothing could be written...
         locker.execute("COMMIT")
         locker.close()

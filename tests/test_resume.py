@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 from sqlalchemy import update
-from test_train_e2e import ROOT, SqlClient, max_step, run_status, trainer, wait_for
+from test_train_e2e import ROOT, SMALL, SqlClient, max_step, run_status, trainer, wait_for
 from test_untrusted_files import finished_run, train
 
 from livetrain.db import schema as s
@@ -52,10 +52,14 @@ def resume_command(url: str, tmp_path: Path, run_id: int, *extra: str) -> list[s
             "--checkpoint-dir", str(tmp_path / "checkpoints"), *extra]
 
 
+# PostgreSQL only: the decision rests on the recorded pid and host, read the same way from
+# either back end (trainer_gone is tested without a database below); SQLite's kill -9 and
+# resume are test_train_e2e's test_resume_after_kill_9_continues_the_same_run.
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_resume_at_once_after_kill_9(tmp_path: Path, db_url: str) -> None:
     """kill -9, then --resume at once: the heartbeat is still fresh (the run shows as
     running), but the recorded pid on this host is dead, so the run goes on."""
-    with trainer(tmp_path, db_url, "--checkpoint-every", "10") as proc:
+    with trainer(tmp_path, db_url, *SMALL, "--checkpoint-every", "10") as proc:
         sql, run_id = started_run(tmp_path, db_url, proc)
         proc.kill()
         proc.wait()
@@ -145,7 +149,7 @@ def test_resume_wait_waits_for_a_trainer_elsewhere(tmp_path: Path, sqlite_url: s
     """A trainer on another host cannot be checked for life: --resume is refused while
     its heartbeat is fresh, and --resume --wait waits until the run counts as lost
     (Ctrl-C ends that wait and changes nothing)."""
-    with trainer(tmp_path, sqlite_url, "--checkpoint-every", "10") as proc:
+    with trainer(tmp_path, sqlite_url, *SMALL, "--checkpoint-every", "10") as proc:
         sql, run_id = started_run(tmp_path, sqlite_url, proc)
         proc.kill()
         proc.wait()
@@ -255,28 +259,49 @@ def test_a_config_that_is_not_an_object_is_not_proof(config: Any) -> None:
 # -- what a resume takes from the database ------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def finished_sqlite_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """One finished run (its folder and its SQLite URL) for the forged-config cases: each
+    resume is refused before it changes anything, and each case puts the config back."""
+    folder = tmp_path_factory.mktemp("finished")
+    url = f"sqlite:///{folder / 'training.db'}"
+    sql, _ = finished_run(folder, url)
+    sql.close()
+    yield folder, url
+
+
 @pytest.mark.parametrize("forged", [
     {"lr": "abc"}, {"model": "../../elsewhere"}, {"epochs": -5}, {"batch_size": 1e9},
     {"optimizer": "Adam; DROP TABLE runs"}, {"init": "normal:-1"}, {"dropout": True},
 ])
 def test_a_resume_refuses_options_forged_in_the_runs_config(
-    tmp_path: Path, sqlite_url: str, forged: dict[str, Any]
+    finished_sqlite_run: tuple[Path, str], forged: dict[str, Any]
 ) -> None:
     """runs.config is written by the trainer, but any SQL client can rewrite it: a resume
     checks every option it takes from there as the command line would."""
-    sql, run_id = finished_run(tmp_path, sqlite_url)
+    folder, sqlite_url = finished_sqlite_run
+    sql = SqlClient(sqlite_url)
+    (run_id,) = sql.one("SELECT run_id FROM runs")
     store = Store(sqlite_url)
-    config = store.get_run(run_id)["config"] | forged
+    original = store.get_run(run_id)["config"]
+    assert not set(forged) & {k for k, v in original.items() if v == forged.get(k)}
     with store.engine.begin() as conn:
-        conn.execute(update(s.runs).where(s.runs.c.run_id == run_id).values(config=config))
-    result = train(tmp_path, sqlite_url, "--resume", str(run_id))
-    assert result.returncode == 1, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert f"run {run_id}" in line and next(iter(forged)) in line, line
-    assert run_status(sql, run_id) == "finished"
-    store.close()
-    sql.close()
+        conn.execute(update(s.runs).where(s.runs.c.run_id == run_id)
+                     .values(config=original | forged))
+    try:
+        result = train(folder, sqlite_url, "--resume", str(run_id))
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+        assert f"run {run_id}" in line and next(iter(forged)) in line, line
+        assert run_status(sql, run_id) == "finished"
+        assert sql.one("SELECT count(*) FROM events WHERE code = 'run_resumed'")[0] == 0
+    finally:  # the next case starts from the run as the trainer left it
+        with store.engine.begin() as conn:
+            conn.execute(update(s.runs).where(s.runs.c.run_id == run_id)
+                         .values(config=original))
+        store.close()
+        sql.close()
 
 
 def test_resuming_twice_records_each_version_once_and_refuses_no_row(

@@ -302,6 +302,9 @@ def test_a_writer_refuses_planted_spill_files_and_writes_its_own(
 # -- the four attacks, through the real trainer ------------------------------
 
 
+# SQLite only: the check is on the file, not on the database; the other three attacks
+# through the trainer alternate back ends (planted row and live rollback on PostgreSQL).
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_resume_refuses_a_replaced_checkpoint(tmp_path: Path, db_url: str) -> None:
     marker = tmp_path / "pwned"
     sql, run_id = finished_run(tmp_path, db_url)
@@ -313,6 +316,9 @@ def test_resume_refuses_a_replaced_checkpoint(tmp_path: Path, db_url: str) -> No
     sql.close()
 
 
+# PostgreSQL only: the row is read by the same code on both back ends; the other attacks
+# through the trainer run on SQLite (replaced checkpoint, planted spill files).
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_resume_refuses_a_planted_checkpoints_row(tmp_path: Path, db_url: str) -> None:
     """SQL write access alone: a row that names the attacker's own file."""
     marker = tmp_path / "pwned"
@@ -339,6 +345,9 @@ def test_a_failed_resume_leaves_a_finished_run_finished(tmp_path: Path, sqlite_u
     sql.close()
 
 
+# SQLite only: the spill files are refused before anything reaches the database; the writer's
+# own refusal is tested above, and a planted row and a live rollback run on PostgreSQL.
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_resume_refuses_planted_spill_files(tmp_path: Path, db_url: str) -> None:
     """The resumed trainer's writer writes what a dead one left in the run's
     `unwritten/`: an old pickle and hostile JSON there are refused, never loaded,
@@ -364,6 +373,8 @@ def test_resume_refuses_planted_spill_files(tmp_path: Path, db_url: str) -> None
     sql.close()
 
 
+# PostgreSQL only: the refusal is about the file; the resume attacks run on SQLite too.
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_rollback_onto_a_replaced_checkpoint_is_refused(tmp_path: Path, db_url: str) -> None:
     """A live run: its checkpoint of step 10 is replaced, then a rollback to it is asked
     for through SQL as the board does. The trainer refuses, says why and trains on."""

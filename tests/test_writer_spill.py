@@ -11,11 +11,21 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
 from test_train_e2e import wait_for
 
+from livetrain.db import store as store_module
 from livetrain.db.contract import DEFAULTS, Hyperparameters
 from livetrain.db.store import Store, now
 from livetrain.db.writer import BackgroundWriter
+
+
+@pytest.fixture(autouse=True)
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each failed write waits out SQLite's busy timeout (10 s) before it fails; 1 s here
+    fails the same way, sooner (a write that waits for the lock is still one that fails:
+    the lock is held until the test lets it go)."""
+    monkeypatch.setattr(store_module, "SQLITE_BUSY_SECONDS", 1.0)
 
 
 def statistics_row(step: int) -> dict:
