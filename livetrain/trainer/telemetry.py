@@ -405,6 +405,9 @@ class LayerProbe:
                          for w, b in zip(weights, self._before, strict=True)]
         # mean |update| / mean |weight| over the same stride: the ratio of their L1 norms,
         # two multi-tensor ops for all layers
+        if not weights:
+            self._updates, self._update_ratios, self._before = [], [], []
+            return
         moved = torch.stack(torch._foreach_norm(self._updates, 1))
         held = torch.stack(torch._foreach_norm(self._before, 1))
         ratios = moved / held.clamp_min(1e-12 * max(b.numel() for b in self._before))
