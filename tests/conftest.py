@@ -5,13 +5,13 @@ Each test gets its own freshly created database, dropped afterwards. When the
 server is unreachable the PostgreSQL cases are skipped, except under CI=true,
 where a skipped PostgreSQL test is a failure.
 
-The suite runs two tests at a time (`pytest -n 2`, pytest-xdist), and one of them,
+The suite runs three tests at a time (`pytest -n 3`, pytest-xdist), and one of them,
 test_outage, stops this machine's server for real. Every test on PostgreSQL therefore
 holds a shared lock on the server for its whole run, and that one takes it exclusively
 (`postgres_server.own()`), so no other test meets the outage it inflicts.
 
 Every torch process of the suite, this one and the trainers it starts, uses one thread:
-two test processes already share this machine's cores, and a torch process that spreads
+the test processes already share this machine's cores, and a torch process that spreads
 its ops over all of them spin-waits while another holds them (a Hugging Face run took
 70 s of CPU beside the suite, 14 s alone).
 """
