@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     board_url = f"http://{args.host}:{args.port}/"
     common = {"cwd": Path.cwd(), "start_new_session": True}  # our signals, not the terminal's
+    # Ctrl-C too, explicitly: a process started where SIGINT is ignored (a background job,
+    # a test runner's worker) inherits that, and Python then installs no KeyboardInterrupt.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     board = subprocess.Popen(  # noqa: S603 - our own scripts, no shell
         [sys.executable, str(ROOT / "board.py"), "--db", url, "--host", args.host,
