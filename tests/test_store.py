@@ -266,6 +266,40 @@ def test_background_writer_writes_everything_and_heartbeats(store: Store) -> Non
     assert store.events(run_id)[0]["code"] == "done"
 
 
+def test_the_writer_holds_plain_rows_but_not_what_the_board_waits_for(store: Store) -> None:
+    """Rows wait up to rows_seconds, so that a run logging every few ms pays one
+    transaction per while, not one per log; a status (like an acknowledgement) goes
+    out at once, with the rows held so far; close() writes what is held, now."""
+    run_id = new_run(store)
+    writer = BackgroundWriter(store, run_id, heartbeat_seconds=600, rows_seconds=600)
+    row = {"epoch": 1, "optimizer": "Adam", "learning_rate": 3e-4, "weight_decay": 0.0,
+           "dropout": 50, "train_loss": 1.0}
+
+    def written() -> list[int]:
+        return [r["step"] for r in store.statistics(run_id)]
+
+    writer.statistics({"step": 1, "dt": now(), **row})  # goes with the first heartbeat
+    deadline = time.monotonic() + 5
+    while not written() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert written() == [1]
+    for step in (2, 3):
+        writer.statistics({"step": step, "dt": now(), **row})
+    time.sleep(1.0)
+    assert written() == [1]  # held
+    writer.status("paused")
+    deadline = time.monotonic() + 5
+    while store.get_run(run_id)["status"] != "paused" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.get_run(run_id)["status"] == "paused"
+    assert written() == [1, 2, 3]
+    writer.statistics({"step": 4, "dt": now(), **row})
+    started = time.monotonic()
+    assert writer.close()
+    assert time.monotonic() - started < 5
+    assert written() == [1, 2, 3, 4]
+
+
 def test_a_row_the_database_refuses_does_not_block_the_others(store: Store) -> None:
     run_id = new_run(store)
     writer = BackgroundWriter(store, run_id)

@@ -1,11 +1,18 @@
 """The background writer: the training thread only enqueues, this thread writes.
 
 Each wake-up drains whatever has queued and writes it in one transaction, so
-the batch grows by itself when the database is slow. A write that fails is kept
-and retried, so a database hiccup costs no rows. Past `spill_after_rows` unwritten
-rows, the batch goes to a file in `spill_dir` and memory is freed; spilled batches
-are written first, oldest first, once the database answers again (also by a later
-writer for the same run and directory, as `train.py --resume` makes).
+the batch grows by itself when the database is slow. Plain rows (statistics,
+telemetry, events) are written at most every `rows_seconds`: a run that logs every
+30 ms would otherwise pay a transaction per log, and this thread's Python holds the
+GIL that the training thread waits for (a write is about a millisecond of it). An
+acknowledgement, a status, a rollback or the heartbeat goes out at once, with the
+rows held so far, so that the board's changes are answered without that wait.
+
+A write that fails is kept and retried, so a database hiccup costs no rows. Past
+`spill_after_rows` unwritten rows, the batch goes to a file in `spill_dir` and
+memory is freed; spilled batches are written first, oldest first, once the database
+answers again (also by a later writer for the same run and directory, as
+`train.py --resume` makes).
 
 A spill file is data, never code (see SpillFiles): one that is not a spill file of
 this version is set aside with a message, and pickled ones of earlier versions are
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -35,6 +43,7 @@ from livetrain.db.store import ROW_TABLES, Batch, Store, event_row, now
 log = logging.getLogger(__name__)
 
 SPILL_AFTER_ROWS = 20_000  # unwritten rows held in memory before they go to a file
+ROWS_SECONDS = 0.25  # plain rows wait this long at most (a board refreshes every second)
 # Errors that mean "not now" (server down, connection lost, SQLite locked, pool
 # exhausted): the batch is kept and retried. Anything else is a row the database
 # refuses; it is isolated and dropped so that it cannot block the rest.
@@ -50,8 +59,10 @@ class BackgroundWriter:
         close_seconds: float = 30.0,
         spill_dir: Path | None = None,
         spill_after_rows: int = SPILL_AFTER_ROWS,
+        rows_seconds: float = ROWS_SECONDS,
     ) -> None:
         self.store = store
+        self.rows_seconds = rows_seconds
         self.close_seconds = close_seconds
         self.run_id = run_id
         self.heartbeat_seconds = heartbeat_seconds
@@ -147,23 +158,35 @@ class BackgroundWriter:
         except queue.Empty:
             pass
 
+    def _urgent(self) -> bool:
+        """Whether the pending batch holds what must not wait for `rows_seconds`: what
+        the board waits on (an acknowledgement, a status), a rollback held back, the
+        heartbeat, a change to the run's config or checkpoints."""
+        batch = self._pending
+        return bool(self._held or batch.acknowledgements or batch.status or batch.heartbeat
+                    or batch.config or batch.removed_checkpoints
+                    or batch.abandon_after is not None)
+
     def _run(self) -> None:
         next_beat = 0.0
         retry_at = 0.0
         backoff = 0.0
+        rows_due = 0.0  # plain rows wait until then (rows_seconds after the last write)
         deadline: float | None = None
         while True:
             if self._closing.is_set() and deadline is None:
                 deadline = time.monotonic() + self.close_seconds
-            wait = (
-                0.0 if deadline or self._held
-                else max(retry_at - time.monotonic(), self.heartbeat_seconds / 2)
-            )
+            clock = time.monotonic()
+            wait = 0.0 if deadline or self._held else max(
+                0.0, retry_at - clock, min(self.heartbeat_seconds / 2,
+                                           rows_due - clock if len(self._pending) else math.inf))
             self._drain(wait)
             clock = time.monotonic()
             if clock >= next_beat:
                 self._pending.heartbeat = now()
-            if self._unwritten() and clock >= retry_at:
+            held_back = clock < rows_due and not deadline and not self._urgent()
+            if self._unwritten() and clock >= retry_at and not held_back:
+                rows_due = clock + self.rows_seconds
                 beat = self._pending.heartbeat is not None
                 if self._flush():
                     backoff = 0.0

@@ -14,13 +14,14 @@ from dataclasses import replace
 from livetrain.trainer.diagnostics import (
     BLOW_UP_MARGIN,
     HISTORY_LOGS,
+    LAYER_RULES,
     RULES,
     Finding,
     RunFacts,
     StepRecord,
     sig,
 )
-from livetrain.trainer.episodes import AlertChange, EpisodeBook
+from livetrain.trainer.episodes import AlertChange, EpisodeBook, Key
 
 
 class Diagnostician:
@@ -29,6 +30,10 @@ class Diagnostician:
     A record whose step is not after the previous one follows a rollback: the abandoned
     records (steps >= the new one) are dropped and every open episode ends as rolled back,
     so what is still wrong on the new branch opens afresh.
+
+    The layer rules read their own history, of the records that measured the layers
+    (livetrain.trainer.cadence), and run only at those: at a log that did not measure
+    them, what they found last is held, neither renewed nor resolved.
     """
 
     def __init__(self, num_classes: int | None) -> None:
@@ -39,6 +44,8 @@ class Diagnostician:
         self.num_classes = num_classes
         self.facts = RunFacts(num_classes or 0)
         self._history: deque[StepRecord] = deque(maxlen=HISTORY_LOGS)
+        self._layered: deque[StepRecord] = deque(maxlen=HISTORY_LOGS)  # measured ones
+        self._layer_keys: set[Key] = set()  # what the layer rules have found
         self.episodes = EpisodeBook()
         self._ceiling = math.inf  # the lowest lr this run has blown up at
 
@@ -61,8 +68,15 @@ class Diagnostician:
 
     def findings(self, record: StepRecord) -> list[Finding]:
         """Every condition that holds at this record, with fixes kept below a blow-up."""
-        history = tuple(self._history)
-        found = [finding for rule in RULES for finding in rule(history, self.facts)]
+        history, layered = tuple(self._history), tuple(self._layered)
+        found = []
+        for rule in RULES:
+            if rule not in LAYER_RULES:
+                found += rule(history, self.facts)
+            elif record.layers_measured:
+                by_layers = rule(layered, self.facts)
+                self._layer_keys.update((f.code, f.layer) for f in by_layers)
+                found += by_layers
         if any(f.code == "non_finite" for f in found):
             self.note_blow_up(record.learning_rate)
         return [self._within_ceiling(f, record.learning_rate) for f in found]
@@ -72,11 +86,15 @@ class Diagnostician:
         problems, "held" ones go on, "resolved" and "rolled_back" ones ended."""
         changes = []
         if self._history and record.step <= self._history[-1].step:
-            while self._history and self._history[-1].step >= record.step:
-                self._history.pop()
+            for kept in (self._history, self._layered):
+                while kept and kept[-1].step >= record.step:
+                    kept.pop()
             changes = self.episodes.roll_back(record.step)
         self._history.append(record)
+        if record.layers_measured:
+            self._layered.append(record)
         if self.facts.start_loss is None and record.step > 0 and record.train_loss_measured \
                 and math.isfinite(record.train_loss):
             self.facts = replace(self.facts, start_loss=record.train_loss)
-        return changes + self.episodes.update(record.step, self.findings(record))
+        held = set() if record.layers_measured else self._layer_keys
+        return changes + self.episodes.update(record.step, self.findings(record), held)

@@ -177,6 +177,9 @@ class StepRecord:
     base_learning_rate: float | None = None
     train_accuracy: float | None = None  # percent, averaged since the previous log
     validate_accuracy: float | None = None  # percent
+    # False at a log that did not measure the layers (livetrain.trainer.cadence): `layers`
+    # is empty, and the layer rules neither find nor clear anything at it.
+    layers_measured: bool = True
 
     @property
     def schedule_factor(self) -> float:
@@ -827,7 +830,8 @@ def rule_loss_flat(history: Sequence[StepRecord], run: RunFacts) -> list[Finding
         return []  # not surely within 5 % either way: it may be falling, or rising
     record = window[-1]
     best = min(r.train_loss for r in trained if math.isfinite(r.train_loss))
-    if any(layer.dead_fraction > DEAD_RELU_FRACTION for layer in record.layers) \
+    measured = next((r for r in reversed(history) if r.layers_measured), record)
+    if any(layer.dead_fraction > DEAD_RELU_FRACTION for layer in measured.layers) \
             or line.level > best * (1 + LOSS_RISING_FRACTION):
         return []
     if fall >= threshold * fall_se or learning(history):
@@ -1069,3 +1073,7 @@ RULES: tuple[Rule, ...] = (
     rule_overfitting,
     rule_converged,
 )
+# The rules that read the layers' figures: at a log that did not measure them, they are
+# not run, and what they found at the last measured log is held.
+LAYER_RULES: frozenset[Rule] = frozenset({
+    rule_update_ratio, rule_activation_std, rule_dead_relu, rule_exploding_gradients})

@@ -84,9 +84,11 @@ class EpisodeBook:
     def open(self) -> tuple[Episode, ...]:
         return tuple(self._open.values())
 
-    def update(self, step: int, findings: list[Finding]) -> list[AlertChange]:
+    def update(self, step: int, findings: list[Finding],
+               held: set[Key] | frozenset[Key] = frozenset()) -> list[AlertChange]:
         """Fold one log's findings into the episodes; the changes, in findings' order,
-        then the episodes this log resolved."""
+        then the episodes this log resolved. `held`: the episodes this log could not
+        judge (its rules did not run), which stay open without counting as absent."""
         changes = []
         current = {}
         for finding in findings:
@@ -102,7 +104,7 @@ class EpisodeBook:
                                   worst_value=_worse(finding, was.worst_value))
                 changes.append(AlertChange("held", episode))
             self._open[key] = episode
-        for key in [k for k in self._open if k not in current]:
+        for key in [k for k in self._open if k not in current and k not in held]:
             absent, since = self._absent.get(key, (0, step))
             if absent + 1 < RESOLVE_AFTER_LOGS:
                 self._absent[key] = (absent + 1, since)

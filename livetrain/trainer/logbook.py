@@ -111,10 +111,10 @@ class Logbook:
         self.last: dict[str, float | None] = {}  # the latest log's figures, for a progress bar
 
     def log(self, full_validation: bool, ran_with: Hyperparameters | None = None,
-            lr: float | None = None) -> None:
-        """One statistics row plus per-layer telemetry for the current step, with the
-        parameters and lr its update ran with (given for a deferred log: a change may
-        have been applied at the step's boundary since).
+            lr: float | None = None, layers: bool = True) -> None:
+        """One statistics row plus, when `layers` (see cadence.py), per-layer telemetry
+        for the current step, with the parameters and lr its update ran with (given for
+        a deferred log: a change may have been applied at the step's boundary since).
 
         Under torchrun the training figures are summed over the ranks, and rank 0
         validates and writes while the others wait for what it decided.
@@ -125,23 +125,24 @@ class Logbook:
         interval = run.metrics.summary(run.ranks.sum)
         if run.ranks.is_main:
             self.write(full_validation, interval, ran_with or run.control.params,
-                       run.lr_of_last_update() if lr is None else lr)
+                       run.lr_of_last_update() if lr is None else lr, layers)
         control = run.control
         control.paused, run.finishing = run.ranks.any(control.paused, run.finishing)
         self.last_logged = run.global_step
         self.interval_start, self.interval_samples = time.perf_counter(), 0
 
-    def run_validation(self, full: bool) -> ValidationFigures | None:
-        """The user's validation, with the probe recording its first forward pass and
-        parameter changes taken between its batches; or the one reported since the
-        last log (run.record_validation)."""
+    def run_validation(self, full: bool, layers: bool) -> ValidationFigures | None:
+        """The user's validation, with the probe recording its first forward pass (when
+        the log measures the layers) and parameter changes taken between its batches;
+        or the one reported since the last log (run.record_validation)."""
         if self.reported is not None:
             reported, self.reported = self.reported, None
             return reported
         if self.validate is None:
             return None
         run = self.run
-        run.probe.arm_next_forward()
+        if layers:
+            run.probe.arm_next_forward()
         run.validating = not run.ranks.distributed  # between batches needs no agreement
         run.watch_forward(run.validating or run.shapeless)
         try:
@@ -152,9 +153,9 @@ class Logbook:
         return validation_figures(result)
 
     def write(self, full_validation: bool, interval: IntervalSummary,
-              ran_with: Hyperparameters, lr: float) -> None:
+              ran_with: Hyperparameters, lr: float, layers: bool) -> None:
         run = self.run
-        validation = self.run_validation(full_validation)
+        validation = self.run_validation(full_validation, layers)
         elapsed = time.perf_counter() - self.interval_start
         run.writer.statistics({
             "step": run.global_step, "epoch": run.epoch, "dt": now(),
@@ -173,11 +174,12 @@ class Logbook:
         if run.table is not None and run.table.rows is not None:
             run.writer.rows("model_layers", run.table.rows)
             run.table = None
-        telemetry = run.probe.rows(run.global_step)
+        telemetry = run.probe.rows(run.global_step) if layers else {}
         for table, rows in telemetry.items():
             run.writer.rows(table, rows)
+        run.cadence.logged(layers, run.probe.take_spent())
         val_loss = validation and validation.loss
-        self.diagnose(interval, validation, telemetry["layer_statistics"], ran_with, lr)
+        self.diagnose(interval, validation, telemetry.get("layer_statistics"), ran_with, lr)
         if val_loss is not None:
             self.early_stop(val_loss)
         self.last = {"train_loss": interval.loss, "validate_loss": val_loss,
@@ -185,9 +187,10 @@ class Logbook:
 
     def diagnose(
         self, interval: IntervalSummary, validation: ValidationFigures | None,
-        layers: list[dict[str, Any]], ran_with: Hyperparameters, lr: float,
+        layers: list[dict[str, Any]] | None, ran_with: Hyperparameters, lr: float,
     ) -> None:
-        """Run the health rules on this log; a non-finite value pauses the run."""
+        """Run the health rules on this log (`layers` None: it did not measure them); a
+        non-finite value pauses the run."""
         run = self.run
         record = StepRecord(
             step=run.global_step, train_loss=_float(interval.loss),
@@ -207,7 +210,8 @@ class Logbook:
                 dead_fraction=_float(r["dead_fraction"]), grad_norm=r["grad_norm"],
                 update_ratio=_float(r["update_ratio"]), has_nonlinearity=r["has_nonlinearity"],
                 activation_measured=r["act_mean"] is not None,
-            ) for r in layers),
+            ) for r in layers or ()),
+            layers_measured=layers is not None,
         )
         changes = self.doctor.observe(record)
         for change in changes:

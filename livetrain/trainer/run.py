@@ -35,6 +35,7 @@ from livetrain.db.listener import ParameterListener
 from livetrain.db.store import Store, describe_url, now, open_store, resolve_url
 from livetrain.db.writer import SPILL_AFTER_ROWS, BackgroundWriter, NullWriter
 from livetrain.trainer.allocator import keep_freed_memory
+from livetrain.trainer.cadence import TelemetryCadence
 from livetrain.trainer.checkpointing import Checkpoint, CheckpointRing, Restorable
 from livetrain.trainer.control import Controller, describe
 from livetrain.trainer.distributed import Ranks
@@ -68,6 +69,10 @@ from livetrain.trainer.telemetry import (
     SystemSampler,
 )
 from livetrain.trainer.updates import UpdateHooks
+
+# The training accuracy of a log counts the right answers of this many of its steps,
+# evenly spaced and the logged one included (all of them when a log has no more).
+ACCURACY_STEPS = 10
 
 
 def initial_parameters(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -139,6 +144,7 @@ class LiveRun:
         resume: int | None = None,
         handle_signals: bool = True,
         nan_guard: str = "auto",
+        telemetry_every: int | str = "auto",
     ) -> None:
         for option, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
                               ("checkpoint_keep", checkpoint_keep), ("buffer_rows", buffer_rows)):
@@ -152,11 +158,15 @@ class LiveRun:
             list(scheduler) if isinstance(scheduler, list | tuple) else [scheduler]
         params = initial_parameters(model, optimizer, self.schedulers, grad_clip)
         self.log_every, self.steps_per_epoch = log_every, steps_per_epoch
+        self.cadence = TelemetryCadence(telemetry_every)
+        self.layers_due = True  # the coming log measures the layers (see cadence.py)
+        self._answers_every = max(1, log_every // ACCURACY_STEPS)
         self.max_steps, self.checkpoint_every = max_steps, checkpoint_every
         self.global_step, self.epoch, self.rollbacks = 0, 1, 0
         self.finishing = self.validating = False
-        # A deferred log: whether it is a full one, and what its step's update ran with.
-        self.log_due: tuple[bool, Hyperparameters, float] | None = None
+        # A deferred log: whether it is a full one, what its step's update ran with, and
+        # whether it measures the layers.
+        self.log_due: tuple[bool, Hyperparameters, float, bool] | None = None
         self.status: str | None = None
         self.ranks = Ranks()
         self.device = model_device(model)
@@ -434,7 +444,10 @@ class LiveRun:
         self._prepare_next_step()
 
     def _count(self, loss: torch.Tensor | None, outputs: Any, targets: Any) -> None:
-        samples = None if loss is None else self.metrics.add(loss, outputs, targets)
+        # The right answers of ACCURACY_STEPS evenly spaced steps per log, the logged one
+        # among them: two ops a step were a tenth of what LiveRun added to a 1 ms step.
+        answers = self.updates.logging or (self.global_step + 1) % self._answers_every == 0
+        samples = None if loss is None else self.metrics.add(loss, outputs, targets, answers)
         self.global_step += 1
         if samples:
             samples *= self.ranks.world_size  # the job's, not this rank's
@@ -446,9 +459,10 @@ class LiveRun:
         if self.updates.logging:
             full = self._end_of_epoch() or self.finishing
             if self.defer_logs:
-                self.log_due = (full, self.control.params, self.lr_of_last_update())
+                self.log_due = (full, self.control.params, self.lr_of_last_update(),
+                                self.layers_due)
             else:
-                self.logbook.log(full_validation=full)
+                self.logbook.log(full_validation=full, layers=self.layers_due)
         if self.global_step % self.checkpoint_every == 0:
             self.checkpoint("periodic")
 
@@ -463,15 +477,18 @@ class LiveRun:
         return bool(n) and n >= self.log_every and self.global_step % n == 0
 
     def _prepare_next_step(self) -> None:
-        """Whether the coming step logs: its update is then measured, and without a
-        validation to record activations on, its forward pass is recorded."""
+        """Whether the coming step logs, and whether that log measures the layers: its
+        update is then measured, and without a validation to record activations on,
+        its forward pass is recorded."""
         coming = self.global_step + 1
         n = self.steps_per_epoch
-        logging = coming % self.log_every == 0 or (
-            bool(n) and n >= self.log_every and coming % n == 0) or (
+        full = (bool(n) and n >= self.log_every and coming % n == 0) or (
             self.max_steps is not None and coming >= self.max_steps)
+        logging = full or coming % self.log_every == 0
         self.updates.logging = logging
-        if logging and self.logbook.validate is None and self.ranks.is_main:
+        self.layers_due = logging and self.cadence.due(full)
+        self.updates.measuring = self.layers_due and self.ranks.is_main
+        if self.updates.measuring and self.logbook.validate is None:
             self.probe.arm_next_forward()
 
     def blow_up(self, loss: torch.Tensor | None, since: int | None = None) -> None:

@@ -50,9 +50,10 @@ class IntervalMetrics:
     with the spread of the per-step losses: how far the average can be trusted.
 
     A step costs no device work for the loss (its detached tensor is kept) and, for a
-    classifier, two small ops that mark the right answers (counted at the log); every
-    CHUNK steps the kept tensors are folded into one. A log brings the interval to the host in one
-    transfer and takes the sums there in float64, which MPS devices do not have.
+    classifier on the steps that count answers, two small ops that mark the right ones
+    (summed at the log); every CHUNK steps the kept tensors are folded into one. A log
+    brings the interval to the host in one transfer and takes the sums there in
+    float64, which MPS devices do not have.
     """
 
     CHUNK = 256
@@ -70,16 +71,17 @@ class IntervalMetrics:
         self.samples = 0
 
     def add(self, loss: torch.Tensor, outputs: torch.Tensor | None,
-            targets: torch.Tensor | None) -> int | None:
+            targets: torch.Tensor | None, answers: bool = True) -> int | None:
         """Count one step (`loss` detached, one value); returns its number of samples
-        when the tensors tell it."""
+        when the tensors tell it. `answers`: whether this step's right answers are
+        counted for the accuracy (see LiveRun's ACCURACY_STEPS)."""
         n = batch_size(outputs, targets)
         self.losses.append(loss)
         self.weights.append(n or 1)
         if len(self.losses) == self.CHUNK:
             self.chunks.append(torch.stack(self.losses).float())
             self.losses = []
-        if n and looks_like_classification(outputs, targets):
+        if answers and n and looks_like_classification(outputs, targets):
             self.correct.append(outputs.detach().argmax(dim=1) == targets)  # summed at the log
             if len(self.correct) == self.CHUNK:
                 self.correct = [self._right_answers().reshape(1)]
@@ -299,6 +301,7 @@ class LayerProbe:
         self._updates: list[torch.Tensor] = []
         self._update_ratios: list[torch.Tensor | None] = []
         self._model = model
+        self.spent = 0.0  # seconds of measuring since take_spent (TelemetryCadence's cost)
         self._nonlinearities = [m for m in model.modules() if isinstance(m, NONLINEARITIES)]
         # Hooks are on the model only while armed: even a hook that does nothing sends
         # each call of its module down torch's slower path, on every step.
@@ -394,12 +397,19 @@ class LayerProbe:
         """Gradient norms, and the even stride of each weight that its update is measured
         on: the ratio of two means and a histogram need no more, and a copy of every
         weight at every log was the largest cost of a log on a wide model."""
+        started = time.perf_counter()
         weights = self._weights()
         self._grad_norms = [w.grad.detach().norm() if w.grad is not None else None
                             for w in weights]
         self._before = [even_sample(w.detach().reshape(-1)).clone() for w in weights]
+        self.spent += time.perf_counter() - started
 
     def after_update(self) -> None:
+        started = time.perf_counter()
+        self._measure_update()
+        self.spent += time.perf_counter() - started
+
+    def _measure_update(self) -> None:
         weights = self._weights()
         self._updates = [even_sample(w.detach().reshape(-1)) - b
                          for w, b in zip(weights, self._before, strict=True)]
@@ -419,10 +429,21 @@ class LayerProbe:
         """Drop what was measured of an update the guard refused."""
         self._grad_norms, self._update_ratios, self._updates, self._before = [], [], [], []
 
-    # -- the rows of one log ----------------------------------------------------
+    def take_spent(self) -> float:
+        """The seconds this probe's measurements took since the last call."""
+        spent, self.spent = self.spent, 0.0
+        return spent
 
     def rows(self, step: int) -> dict[str, list[dict[str, Any]]]:
         """Rows for activations, layer_statistics and layer_histograms; resets the probe."""
+        started = time.perf_counter()
+        out = self._rows(step)
+        self.spent += time.perf_counter() - started
+        return out
+
+    # -- the rows of one log ----------------------------------------------------
+
+    def _rows(self, step: int) -> dict[str, list[dict[str, Any]]]:
         if not self.layers or awaits_first_batch(self._model):  # `layers=[]`, a model
             # without a layer the probe knows, or lazy layers that have no weights yet
             return {"activations": [], "layer_statistics": [], "layer_histograms": []}

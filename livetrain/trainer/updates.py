@@ -31,6 +31,7 @@ class UpdateHooks:
     def __init__(self, run: LiveRun) -> None:
         self.run = run
         self.logging = False  # the coming update belongs to a step that logs
+        self.measuring = False  # ... and that log measures the layers (cadence.py)
         # Group 0's lr in the last update: what a row shows, also when a scheduler (the
         # Trainer's, after each update) has already moved the optimizer to the next one.
         self.last_lr: float | None = None
@@ -87,7 +88,7 @@ class UpdateHooks:
                 p.grad = None
             self._dropped = True
             return
-        if self.logging and self.run.ranks.is_main and not (
+        if self.measuring and not (
                 scaler_skips and optimizer.found_inf.item()):  # a log step may read
             self.run.probe.before_update()  # gradient norms, weights before the step
             self._measuring = True
