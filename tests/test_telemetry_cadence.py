@@ -41,6 +41,13 @@ def steps(tmp_path: Path, table: str) -> list[int]:
         return [r[0] for r in conn.execute(f"SELECT DISTINCT step FROM {table} ORDER BY step")]
 
 
+def test_by_default_every_log_measures_the_layers(tmp_path: Path) -> None:
+    run = train(tmp_path, log_every=2, max_steps=40)
+    assert steps(tmp_path, "layer_statistics") == steps(tmp_path, "statistics") \
+        == list(range(2, 41, 2))
+    assert run.cadence.skipped == 0
+
+
 def test_every_third_log_measures_the_layers_and_every_log_writes_its_row(
     tmp_path: Path,
 ) -> None:
@@ -55,7 +62,7 @@ def test_every_third_log_measures_the_layers_and_every_log_writes_its_row(
 
 
 def test_auto_measures_every_one_of_a_short_runs_logs(tmp_path: Path) -> None:
-    run = train(tmp_path, log_every=3, max_steps=3 * WARMUP_LOGS)
+    run = train(tmp_path, log_every=3, max_steps=3 * WARMUP_LOGS, telemetry_every="auto")
     assert steps(tmp_path, "layer_statistics") == steps(tmp_path, "statistics") \
         == list(range(3, 3 * WARMUP_LOGS + 1, 3))
     assert run.cadence.skipped == 0

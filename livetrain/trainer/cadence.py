@@ -5,13 +5,17 @@ telemetry is not: activations, gradient norms, update ratios and three histogram
 layer cost a few milliseconds, which a 1 ms GPU step cannot hide at every log (a
 3-layer MLP logging every 50 steps spent more on it than on its 49 other steps).
 
-`telemetry_every="auto"` (the default) measures the layers at every one of a run's
-first WARMUP_LOGS logs, where a bad start shows (dead units, vanishing activations)
-and a short run is all of them; at every full log (an epoch's end, the last one); and
-otherwise when the wall time since the last measured log is at least the measurement's
-own cost over TELEMETRY_SHARE: on a 20 ms CPU step that is every log, on a 1 ms GPU step
-every few logs, so that the layers take about 1 % of the run's time. An integer
-measures every n-th log (and the full ones); 1 is every log.
+By default (`telemetry_every=1`) every log measures the layers: the health rules that
+read them (dead units, vanishing or exploding activations, update ratios, exploding
+gradients) need a run of logs to tell a condition from one odd batch, and judged on
+the playground's pathologies they missed three of them when most logs went without.
+`telemetry_every="auto"` is for steps too fast for that: it measures the layers at
+every one of a run's first WARMUP_LOGS logs, where a bad start shows and a short run is
+all of them; at every full log (an epoch's end, the last one); and otherwise when the
+wall time since the last measured log is at least the measurement's own cost over
+TELEMETRY_SHARE, so that the layers take about 1 % of the run's time (the layer rules
+then see fewer logs, and find what they find later in steps). An integer n measures
+every n-th log, and the full ones.
 
 The measured cost is the probe's work at a log (gradient norms and weights before the
 update, ratios after it, the rows and histograms); the forward hooks that capture
@@ -40,7 +44,7 @@ class TelemetryCadence:
     """The cadence of one run: how many logs it has written and what the last
     measurement of its layers cost."""
 
-    def __init__(self, every: int | str = "auto") -> None:
+    def __init__(self, every: int | str = 1) -> None:
         self.every = check_telemetry_every(every)
         self.logs = 0  # logs written so far
         self.cost = 0.0  # seconds the last measured log's telemetry took

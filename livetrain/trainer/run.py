@@ -144,7 +144,7 @@ class LiveRun:
         resume: int | None = None,
         handle_signals: bool = True,
         nan_guard: str = "auto",
-        telemetry_every: int | str = "auto",
+        telemetry_every: int | str = 1,
     ) -> None:
         for option, value in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
                               ("checkpoint_keep", checkpoint_keep), ("buffer_rows", buffer_rows)):
