@@ -12,6 +12,7 @@ from livetrain.trainer.telemetry import (
     HISTOGRAM_SAMPLE,
     LayerProbe,
     activation_summary,
+    bin_counts,
     evaluate,
     histograms,
 )
@@ -116,3 +117,16 @@ def test_probe_rows_of_a_logged_step() -> None:
     evaluate(model, loader, torch.device("cpu"), probe=probe)
     again = {r["layer_name"]: r for r in probe.rows(step=8)["layer_statistics"]}
     assert again["conv"]["grad_norm"] is None and again["conv"]["update_ratio"] is None
+
+
+def test_cpu_bin_counts_agree_with_histc() -> None:
+    """The CPU's bincount path bins as histc does (a value on a bin edge may land one
+    bin over, from rounding): every value counted, the last edge in the last bin."""
+    generator = torch.Generator().manual_seed(0)
+    for x in (torch.randn(50_000, generator=generator), torch.rand(999, generator=generator),
+              torch.tensor([0.0, 1.0, 1.0, 2.0])):
+        lo, hi = x.min().item(), x.max().item()
+        ours, theirs = bin_counts(x, 40, lo, hi, True), torch.histc(x, 40, lo, hi)
+        assert ours.sum() == theirs.sum() == x.numel()
+        assert (ours - theirs).abs().sum() <= 0.001 * x.numel() + 2
+        assert ours[-1] >= 1 and ours[0] >= 1  # the max and the min are counted
