@@ -184,13 +184,7 @@ class LiveRun:
                 self.store.close()
             raise
         self.metrics, self.progress = IntervalMetrics(self.device), Progress()
-        self.probe = LayerProbe(model, names=None if layers is None else list(layers),
-                                eager=self.compiled)
-        self.table: LayerTable | None = LayerTable(  # a resumed run has its table
-            model, {layer.name for layer in self.probe.layers}) \
-            if self.ranks.is_main and self.resumed is None else None
-        if self.table is not None and self.compiled:
-            self.probe.eager_next_forward()  # the table's hooks run, and leave the graph
+        self._watch_layers(layers)
         self.logbook = Logbook(self, validate, num_classes, early_stopping)
         self.guard = NanGuard(nan_guard, sparse=set(sparse_parameters(model)))
         self.updates = UpdateHooks(self)
@@ -205,6 +199,17 @@ class LiveRun:
             raise
 
     # -- opening and closing the run --------------------------------------------------------
+
+    def _watch_layers(self, names: Iterable[str] | None) -> None:
+        """The probe of the watched layers and, on rank 0 of a new run (a resumed one has
+        its table), the table of every layer that the model's first forward pass fills."""
+        self.probe = LayerProbe(self.model, names=None if names is None else list(names),
+                                eager=self.compiled)
+        self.table: LayerTable | None = None
+        if self.ranks.is_main and self.resumed is None:
+            self.table = LayerTable(self.model, {layer.name for layer in self.probe.layers})
+            if self.compiled:
+                self.probe.eager_next_forward()  # the table's hooks run, and leave the graph
 
     def _open(self, params: Hyperparameters, name: str | None, config: Mapping[str, Any] | None,
               model_name: str | None, dataset: str, resume: int | None, checkpoint_dir: Path,
